@@ -1,0 +1,5 @@
+import sys
+
+from tapdist.cli import main
+
+sys.exit(main())

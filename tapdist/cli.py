@@ -1,0 +1,86 @@
+"""Command line: `tapdist train|config|models`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tapdist.config import ConfigError, describe, dump_config, load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"tapdist: config error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:
+        from tapdist.dist import DistError, LaunchError
+        from tapdist.fl.topology import TopologyError
+        from tapdist.registry import RegistryError
+
+        if isinstance(err, (DistError, LaunchError, TopologyError, RegistryError)):
+            print(f"tapdist: error: {err}", file=sys.stderr)
+            return 1
+        raise
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tapdist", description=(
+        "Distributed runtime for TAP, personalized federated fine-tuning of multi-modal, "
+        "multi-task foundation models."))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="run a federation (under any launcher)")
+    _config_args(train)
+    train.add_argument("--run-dir", type=Path, help="output folder (default: run.run_dir, "
+                       "else runs/<run.name>)")
+    train.set_defaults(func=_train)
+
+    config = sub.add_parser("config", help="print the resolved config, or every key")
+    config.add_argument("config", nargs="?", help="YAML file (omit for the defaults)")
+    config.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="SECTION.KEY=VALUE")
+    config.add_argument("--describe", action="store_true",
+                        help="list every section and key with its default and accepted values")
+    config.set_defaults(func=_config)
+
+    models = sub.add_parser("models", help="list registered models and algorithms")
+    models.add_argument("--plugin", action="append", default=[], help="module or .py to import")
+    models.set_defaults(func=_models)
+    return parser
+
+
+def _config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML config file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="SECTION.KEY=VALUE", help="override one key (repeatable)")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from tapdist.train import train
+
+    cfg = load_config(args.config, args.overrides)
+    train(cfg, args.run_dir or cfg.run_dir)
+    return 0
+
+
+def _config(args: argparse.Namespace) -> int:
+    if args.describe:
+        print(describe())
+        return 0
+    print(dump_config(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    import tapdist.fl.algorithms  # noqa: F401
+    from tapdist.registry import ALGORITHMS, MODELS, load_plugins
+
+    load_plugins(args.plugin, Path.cwd())
+    print("models:     " + (", ".join(MODELS.names()) or "none"))
+    print("algorithms: " + ", ".join(ALGORITHMS.names()))
+    return 0

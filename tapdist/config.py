@@ -1,0 +1,313 @@
+"""Typed run configuration: one dataclass per YAML section, dotted overrides.
+
+A config file is a YAML mapping of sections (``run``, ``model``, ``federation``, ...), each a
+mapping of keys. Every key is declared below with its type, default, accepted values and help
+text; an unknown key, a wrong type or an out-of-range value raises :class:`ConfigError` naming the
+section, the key and what is accepted. ``--set federation.rounds=5`` overrides one key after the
+file is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or out of range."""
+
+
+def option(default: Any, help: str, *, choices: tuple | None = None, min: float | None = None,
+           max: float | None = None) -> Any:
+    """Declare a config key: its default, help text and accepted values."""
+    meta = {"help": help, "choices": choices, "min": min, "max": max}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class RunConfig:
+    """Identity of a run: name, seed, output folder, plugins."""
+
+    name: str = option("tapdist", "run name; the default run folder is runs/<name>")
+    seed: int = option(41, "seed of every random choice (client sampling, init, batches)", min=0)
+    run_dir: str = option("", "output folder; empty means runs/<name>")
+    plugins: list = option([], "Python modules or .py files (relative to the config file) "
+                               "imported at start; they may register models and algorithms")
+    log_level: str = option("info", "log level of the server rank",
+                            choices=("debug", "info", "warning", "error"))
+    log_all_ranks: bool = option(False, "let every rank log at log_level, not only the server")
+
+
+@dataclass
+class ModelConfig:
+    """Which model the federation trains."""
+
+    name: str = option("tap", "registered model name (see `tapdist models`)")
+
+
+@dataclass
+class FederationConfig:
+    """The federation: clients, rounds, sampling and the FL algorithm."""
+
+    algorithm: str = option("fedavg", "registered FL algorithm (see `tapdist models`)")
+    clients: int = option(10, "number of clients in the federation", min=1)
+    clients_per_round: int = option(2, "clients sampled each round", min=1)
+    rounds: int = option(10, "number of federated rounds", min=0)
+
+
+@dataclass
+class TrainConfig:
+    """Local training of one client in one round."""
+
+    local_steps: int = option(20, "optimizer steps per client per round", min=1)
+    batch_size: int = option(32, "samples per micro-batch", min=1)
+    lr: float = option(1e-3, "learning rate", min=0.0)
+
+
+@dataclass
+class TapConfig:
+    """TAP's replacement and distillation settings (filled in with the TAP algorithm)."""
+
+
+@dataclass
+class DataConfig:
+    """Where client data comes from (filled in with the data pipeline)."""
+
+
+@dataclass
+class DistConfig:
+    """Processes, devices, transport and client placement."""
+
+    launcher: str = option("auto", "how the processes were started; auto reads the environment",
+                           choices=("auto", "single", "torchrun", "slurm", "mpi"))
+    backend: str = option("auto", "collective transport; auto = nccl with CUDA, gloo otherwise",
+                          choices=("auto", "nccl", "gloo", "mpi"))
+    device: str = option("auto", "compute device; auto = cuda if available",
+                         choices=("auto", "cpu", "cuda"))
+    transport_dtype: str = option("fp32", "dtype of the aggregated values on the wire",
+                                  choices=("fp32", "bf16"))
+    timeout_s: float = option(600.0, "seconds a collective may wait for the other ranks", min=1.0)
+    init_timeout_s: float = option(120.0, "seconds the rendezvous may take", min=1.0)
+    server_hosts_clients: bool = option(True, "rank 0 (the server) also trains clients")
+    placement: str = option("round_robin", "how clients are assigned to ranks",
+                            choices=("round_robin", "balanced"))
+    allow_idle_ranks: bool = option(False, "accept more client-hosting ranks than clients")
+
+
+@dataclass
+class BenchConfig:
+    """Settings of `benchmarks/` runs."""
+
+    warmup: int = option(2, "untimed repetitions before timing", min=0)
+    repeats: int = option(10, "timed repetitions", min=1)
+
+
+@dataclass
+class Config:
+    """The whole configuration; each field is one YAML section."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tap: TapConfig = field(default_factory=TapConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+    source: str = field(default="", compare=False, repr=False)  # file it was read from
+
+    def __post_init__(self) -> None:
+        fed = self.federation
+        if fed.clients_per_round > fed.clients:
+            raise ConfigError(
+                f"federation.clients_per_round = {fed.clients_per_round} exceeds "
+                f"federation.clients = {fed.clients}; accepted: 1..{fed.clients}")
+        if self.dist.transport_dtype == "bf16" and self.dist.backend == "mpi":
+            raise ConfigError(
+                "dist.transport_dtype = bf16 is not available with dist.backend = mpi "
+                "(MPI has no bfloat16 sum); accepted: fp32 with mpi, or bf16 with gloo/nccl")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.run_dir or os.path.join("runs", self.run.name))
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {f.name: dataclasses.asdict(getattr(self, f.name)) for f in sections()}
+
+
+def sections() -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(Config) if f.name != "source"]
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config (defaults when ``path`` is None) and apply ``key=value`` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = _read_yaml(Path(path))
+    for item in overrides:
+        _apply_override(raw, item)
+    cfg = from_dict(raw)
+    cfg.source = str(Path(path).resolve()) if path is not None else ""
+    return cfg
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    """Build a validated :class:`Config` from nested mappings."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a config must be a mapping of sections, got {type(raw).__name__}")
+    known = {f.name: f for f in sections()}
+    values = {}
+    for name, body in raw.items():
+        if name not in known:
+            raise ConfigError(f"unknown section '{name}'{_suggest(name, known)}; "
+                              f"accepted sections: {', '.join(known)}")
+        values[name] = _build_section(name, _kind(known[name]), body or {})
+    return Config(**values)
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML text (every key, defaults included)."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def describe() -> str:
+    """Every section and key with its default and help text, as commented YAML."""
+    lines = []
+    for sec in sections():
+        cls = _kind(sec)
+        lines.append(f"{sec.name}:  # {cls.__doc__.strip()}")
+        fields = dataclasses.fields(cls)
+        if not fields:
+            lines[-1] = f"{sec.name}: {{}}  # {cls.__doc__.strip()}"
+        for f in fields:
+            default = yaml.safe_dump(_default(f), default_flow_style=True).strip()
+            default = default.removesuffix("\n...").removesuffix("...").strip()
+            lines.append(f"  {f.name}: {default}  # {_accepted(f)}; {f.metadata['help']}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# --- internals ------------------------------------------------------------------------------
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, "
+                          f"got {type(data).__name__}")
+    return data
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) != 2 or not all(parts):
+        raise ConfigError(f"override '{item}' must look like section.key=value "
+                          f"(for example federation.rounds=5)")
+    section, name = parts
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    body = raw.setdefault(section, {})
+    if not isinstance(body, dict):
+        raise ConfigError(f"section '{section}' must be a mapping, got {type(body).__name__}")
+    body[name] = _Override(value, text)
+
+
+@dataclass
+class _Override:
+    """A value from the command line; remembers its text so a str key can take '41' as is."""
+
+    value: Any
+    text: str
+
+
+def _build_section(section: str, cls: type, body: Any) -> Any:
+    if not isinstance(body, dict):
+        raise ConfigError(f"section '{section}' must be a mapping of keys, "
+                          f"got {type(body).__name__}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in body.items():
+        if key not in known:
+            accepted = ", ".join(known) if known else "none yet"
+            raise ConfigError(f"unknown key '{section}.{key}'{_suggest(key, known)}; "
+                              f"accepted keys in section '{section}': {accepted}")
+        kwargs[key] = _check(section, known[key], value)
+    return cls(**kwargs)
+
+
+def _check(section: str, f: dataclasses.Field, value: Any) -> Any:
+    origin = ""
+    if isinstance(value, _Override):
+        origin = f" (from --set {section}.{f.name}={value.text})"
+        value = value.text if _kind(f) is str and not isinstance(value.value, str) else value.value
+    kind = _kind(f)
+    ok = {
+        bool: lambda v: isinstance(v, bool),
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        str: lambda v: isinstance(v, str),
+        list: lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+    }[kind](value)
+    meta = f.metadata
+    in_range = ok and (
+        (meta["choices"] is None or value in meta["choices"])
+        and (meta["min"] is None or value >= meta["min"])
+        and (meta["max"] is None or value <= meta["max"]))
+    if not in_range:
+        raise ConfigError(f"bad value for '{section}.{f.name}': {value!r}{origin}; "
+                          f"accepted: {_accepted(f)}")
+    return float(value) if kind is float else value
+
+
+def _accepted(f: dataclasses.Field) -> str:
+    meta, kind = f.metadata, _kind(f)
+    if meta["choices"]:
+        return "one of " + ", ".join(map(str, meta["choices"]))
+    noun = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+            list: "a list of strings"}[kind]
+    if meta["min"] is not None and meta["max"] is not None:
+        return f"{noun} in [{meta['min']}, {meta['max']}]"
+    if meta["min"] is not None:
+        return f"{noun} >= {meta['min']}"
+    return noun
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory()
+
+
+def _suggest(word: str, options: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(str(word), list(options), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+_PLAIN = {"str": str, "int": int, "float": float, "bool": bool, "list": list}
+
+
+def _kind(f: dataclasses.Field) -> type:
+    """The class a field holds (annotations are strings under postponed evaluation)."""
+    hint = f.type
+    if isinstance(hint, str):
+        hint = _PLAIN.get(hint) or globals()[hint]
+    return hint

@@ -1,0 +1,241 @@
+"""The distributed context: the one place where processes talk to each other.
+
+Everything tapdist exchanges goes through a :class:`DistContext`: ``all_reduce`` (sum, in place),
+``broadcast`` and ``barrier``. Three implementations:
+
+- :class:`SingleProcessContext`: one process; collectives are no-ops.
+- :class:`TorchContext`: ``torch.distributed`` with NCCL (one rank per GPU) or gloo (CPU).
+- :class:`MpiContext`: MPI through mpi4py, ``Allreduce`` on host buffers.
+
+No other module calls ``torch.distributed`` or mpi4py. A failed rendezvous or a collective that
+times out raises :class:`DistError` naming the rank, the phase and the likely cause.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import socket
+import time
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+
+from tapdist.dist.launch import Launch, free_port
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("nccl", "gloo", "mpi")
+
+_RENDEZVOUS_CAUSE = (
+    "not every rank started, or the server rank's address is not reachable from this rank "
+    "(check MASTER_ADDR/MASTER_PORT, firewalls, that all ranks run the same command) or "
+    "dist.init_timeout_s is too short for a slow start")
+_COLLECTIVE_CAUSE = (
+    "another rank stopped (look for an error in its log) or is still busy in an earlier phase; "
+    "if ranks host unequal work raise dist.timeout_s or set dist.placement=balanced")
+
+
+class DistError(RuntimeError):
+    """A rendezvous or collective failed; the message names rank, phase and likely cause."""
+
+
+class DistContext(ABC):
+    """Rank, world size, device, and the collectives tapdist uses."""
+
+    backend: str = "none"
+    launcher: str = "single"
+
+    def __init__(self, rank: int, world_size: int, local_rank: int, device: torch.device):
+        self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
+        self.device = device
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    @abstractmethod
+    def all_reduce(self, tensor: torch.Tensor, what: str) -> None:
+        """Sum ``tensor`` over all ranks, in place. ``what`` names the phase in errors."""
+
+    @abstractmethod
+    def broadcast(self, tensor: torch.Tensor, src: int, what: str) -> None:
+        """Overwrite ``tensor`` on every rank with rank ``src``'s, in place."""
+
+    @abstractmethod
+    def barrier(self, what: str) -> None:
+        """Wait until every rank has arrived."""
+
+    def close(self) -> None:
+        """Release the process group; the context is unusable afterwards."""
+
+    def _fail(self, phase: str, started: float, err: BaseException | str, cause: str) -> DistError:
+        waited = time.monotonic() - started
+        return DistError(f"rank {self.rank}/{self.world_size} ({self.backend}, "
+                         f"{socket.gethostname()}): {phase} failed after {waited:.1f}s: {err}. "
+                         f"Likely cause: {cause}")
+
+
+class SingleProcessContext(DistContext):
+    """One process holds the whole federation; collectives do nothing."""
+
+    def __init__(self, device: torch.device | None = None):
+        super().__init__(0, 1, 0, device or torch.device("cpu"))
+
+    def all_reduce(self, tensor: torch.Tensor, what: str) -> None:
+        pass
+
+    def broadcast(self, tensor: torch.Tensor, src: int, what: str) -> None:
+        if src != 0:
+            raise DistError(f"broadcast from rank {src} in a single-process run ({what})")
+
+    def barrier(self, what: str) -> None:
+        pass
+
+
+class TorchContext(DistContext):
+    """torch.distributed with the NCCL or gloo backend, on the default (world) group."""
+
+    def __init__(self, backend: str, launch: Launch, device: torch.device):
+        super().__init__(launch.rank, launch.world_size, launch.local_rank, device)
+        self.backend, self.launcher = backend, launch.launcher
+
+    @classmethod
+    def create(cls, backend: str, launch: Launch, device: torch.device, *, init_method: str,
+               timeout_s: float, init_timeout_s: float) -> TorchContext:
+        """Rendezvous through ``init_method`` (``tcp://host:port`` or ``file:///path``)."""
+        import torch.distributed as dist
+
+        ctx = cls(backend, launch, device)
+        started = time.monotonic()
+        try:
+            store = _make_store(init_method, launch, init_timeout_s)
+            dist.init_process_group(backend, store=store, rank=launch.rank,
+                                    world_size=launch.world_size,
+                                    timeout=datetime.timedelta(seconds=timeout_s),
+                                    **({"device_id": device} if backend == "nccl" else {}))
+        except Exception as err:  # torch raises several error types for one failed rendezvous
+            raise ctx._fail(f"rendezvous at {init_method}", started, err,
+                            _RENDEZVOUS_CAUSE) from None
+        ctx.barrier("rendezvous")
+        return ctx
+
+    def all_reduce(self, tensor: torch.Tensor, what: str) -> None:
+        import torch.distributed as dist
+
+        self._run(what, lambda: dist.all_reduce(tensor, op=dist.ReduceOp.SUM))
+
+    def broadcast(self, tensor: torch.Tensor, src: int, what: str) -> None:
+        import torch.distributed as dist
+
+        self._run(what, lambda: dist.broadcast(tensor, src=src))
+
+    def barrier(self, what: str) -> None:
+        import torch.distributed as dist
+
+        kwargs = {"device_ids": [self.device.index]} if self.backend == "nccl" else {}
+        self._run(what, lambda: dist.barrier(**kwargs))
+
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    def _run(self, what: str, op: Any) -> None:
+        started = time.monotonic()
+        try:
+            op()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        except Exception as err:
+            raise self._fail(what, started, err, _COLLECTIVE_CAUSE) from None
+
+
+def _make_store(init_method: str, launch: Launch, timeout_s: float) -> Any:
+    import torch.distributed as dist
+
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if init_method.startswith("file://"):
+        return dist.FileStore(init_method.removeprefix("file://"), launch.world_size)
+    if init_method.startswith("tcp://"):
+        host, _, port = init_method.removeprefix("tcp://").rpartition(":")
+        return dist.TCPStore(host, int(port), launch.world_size, launch.rank == 0,
+                             timeout=timeout, wait_for_workers=True)
+    raise DistError(f"init method {init_method!r} must start with tcp:// or file://")
+
+
+class MpiContext(DistContext):
+    """MPI through mpi4py: ``Allreduce`` on host copies of the tensors.
+
+    Collectives are non-blocking requests polled against ``timeout_s`` so a vanished peer gives
+    a :class:`DistError` instead of a hang.
+    """
+
+    backend = "mpi"
+
+    def __init__(self, launch: Launch, device: torch.device, timeout_s: float):
+        from mpi4py import MPI
+
+        self._mpi, self._comm = MPI, MPI.COMM_WORLD
+        rank, world = self._comm.Get_rank(), self._comm.Get_size()
+        super().__init__(rank, world, launch.local_rank, device)
+        self.launcher, self.timeout_s = launch.launcher, timeout_s
+        if (rank, world) != (launch.rank, launch.world_size):
+            raise DistError(f"MPI reports rank {rank} of {world} but the {launch.launcher} "
+                            f"environment says rank {launch.rank} of {launch.world_size}; "
+                            "launch with mpirun/mpiexec or srun --mpi=pmi2")
+
+    def all_reduce(self, tensor: torch.Tensor, what: str) -> None:
+        host = _host_array(tensor)
+        self._wait(what, self._comm.Iallreduce(self._mpi.IN_PLACE, host, op=self._mpi.SUM))
+        _copy_back(tensor, host)
+
+    def broadcast(self, tensor: torch.Tensor, src: int, what: str) -> None:
+        host = _host_array(tensor)
+        self._wait(what, self._comm.Ibcast(host, root=src))
+        _copy_back(tensor, host)
+
+    def barrier(self, what: str) -> None:
+        self._wait(what, self._comm.Ibarrier())
+
+    def _wait(self, what: str, request: Any) -> None:
+        started = time.monotonic()
+        pause = 1e-5
+        while not request.Test():
+            if time.monotonic() - started > self.timeout_s:
+                raise self._fail(what, started, f"no answer within {self.timeout_s:.0f}s",
+                                 _COLLECTIVE_CAUSE)
+            time.sleep(pause)
+            pause = min(pause * 2, 1e-3)
+
+    def abort(self, code: int = 1) -> None:
+        """End every rank: the others would otherwise wait for this one until they time out."""
+        self._comm.Abort(code)
+
+
+def _host_array(tensor: torch.Tensor) -> Any:
+    if tensor.dtype == torch.bfloat16:
+        raise DistError("the MPI transport has no bfloat16 sum; use dist.transport_dtype=fp32")
+    host = tensor.detach().to("cpu")
+    if not host.is_contiguous():
+        host = host.contiguous()
+    return host.numpy()
+
+
+def _copy_back(tensor: torch.Tensor, host: Any) -> None:
+    source = torch.from_numpy(host)
+    if source.data_ptr() != tensor.data_ptr():
+        tensor.copy_(source.view_as(tensor))
+
+
+def mpi_rendezvous_address(launch: Launch) -> tuple[str, int]:
+    """Rank 0 picks a free port on its host and broadcasts (address, port) over MPI."""
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    choice = None
+    if comm.Get_rank() == 0:
+        choice = (launch.master_addr or socket.gethostname(), launch.master_port or free_port())
+    return comm.bcast(choice, root=0)

@@ -1,0 +1,182 @@
+"""Recognise how this process was launched: torchrun, srun, mpirun, or plainly.
+
+Each launcher describes the job through environment variables; :func:`detect_launch` reads them
+into one :class:`Launch` record. Nothing here starts a process group.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from dataclasses import dataclass
+from typing import Mapping
+
+LAUNCHERS = ("single", "torchrun", "slurm", "mpi")
+
+
+class LaunchError(RuntimeError):
+    """The launch environment is incomplete or contradicts the configuration."""
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Where this process sits in the job."""
+
+    launcher: str  # one of LAUNCHERS
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    master_addr: str = ""  # empty: decided at rendezvous (mpi4py broadcast) or not needed
+    master_port: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.world_size:
+            raise LaunchError(f"{self.launcher}: rank {self.rank} is outside world size "
+                              f"{self.world_size}; check the launcher's environment")
+        if not 0 <= self.local_rank < self.local_world_size:
+            raise LaunchError(f"{self.launcher}: local rank {self.local_rank} is outside local "
+                              f"world size {self.local_world_size}")
+
+
+def detect_launch(launcher: str = "auto", env: Mapping[str, str] | None = None) -> Launch:
+    """Read the launch environment. ``launcher`` forces one kind; ``auto`` picks the first found.
+
+    Order: torchrun, then an srun step, then MPI (MPICH's PMI_* or Open MPI's OMPI_COMM_WORLD_*),
+    then a single process. Under ``srun --mpi=pmi2`` both Slurm and PMI variables are set and
+    agree; Slurm's are used since they need no mpi4py.
+    """
+    env = os.environ if env is None else env
+    readers = {"torchrun": _torchrun, "slurm": _slurm, "mpi": _mpi, "single": _single}
+    if launcher != "auto":
+        if launcher not in readers:
+            raise LaunchError(f"unknown launcher '{launcher}'; accepted: auto, "
+                              + ", ".join(LAUNCHERS))
+        found = readers[launcher](env)
+        if found is None:
+            raise LaunchError(f"dist.launcher = {launcher} but this process has no {launcher} "
+                              f"environment ({_expected[launcher]}); start it with that "
+                              f"launcher or set dist.launcher=auto")
+        return found
+    torchrun, slurm, mpi = _torchrun(env), _slurm(env), _mpi(env)
+    if torchrun is not None:
+        return torchrun
+    if slurm is not None and mpi is not None and (slurm.rank, slurm.world_size) != (
+            mpi.rank, mpi.world_size):
+        # mpirun inside an allocation starts its proxies with srun: the Slurm variables then
+        # describe the proxies, the MPI ones the ranks.
+        return mpi
+    return slurm or mpi or _single(env)
+
+
+_expected = {
+    "torchrun": "RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT",
+    "slurm": "SLURM_PROCID, SLURM_NTASKS and SLURM_STEP_ID, as srun sets them",
+    "mpi": "PMI_RANK/PMI_SIZE or OMPI_COMM_WORLD_RANK/OMPI_COMM_WORLD_SIZE",
+    "single": "none",
+}
+
+
+def _int(env: Mapping[str, str], name: str) -> int:
+    try:
+        return int(env[name])
+    except ValueError:
+        raise LaunchError(f"environment variable {name}={env[name]!r} is not an integer") from None
+
+
+def _torchrun(env: Mapping[str, str]) -> Launch | None:
+    if "RANK" not in env or "WORLD_SIZE" not in env:
+        return None
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in env]
+    if missing:
+        raise LaunchError(f"RANK and WORLD_SIZE are set but {', '.join(missing)} is not; "
+                          "launch with torchrun, or export MASTER_ADDR and MASTER_PORT")
+    world = _int(env, "WORLD_SIZE")
+    return Launch("torchrun", _int(env, "RANK"), world, _int(env, "LOCAL_RANK")
+                  if "LOCAL_RANK" in env else 0,
+                  _int(env, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in env else world,
+                  env["MASTER_ADDR"], _int(env, "MASTER_PORT"))
+
+
+def _slurm(env: Mapping[str, str]) -> Launch | None:
+    # A batch script also sees SLURM_PROCID and SLURM_NTASKS, but only an srun step has
+    # SLURM_STEP_ID; without it, `python -m tapdist` in an sbatch script runs as one process.
+    if "SLURM_PROCID" not in env or "SLURM_STEP_ID" not in env:
+        return None
+    if env.get("SLURM_STEP_ID") in ("batch", "extern", "interactive"):
+        return None
+    ntasks = "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in env else "SLURM_NTASKS"
+    world = _int(env, ntasks)
+    rank = _int(env, "SLURM_PROCID")
+    local_rank = _int(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0
+    local_world = _slurm_local_tasks(env, world)
+    addr = env.get("MASTER_ADDR") or _first_host(env)
+    port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else slurm_port(env)
+    return Launch("slurm", rank, world, local_rank, local_world, addr, port)
+
+
+def _slurm_local_tasks(env: Mapping[str, str], world: int) -> int:
+    # SLURM_TASKS_PER_NODE looks like "2(x3),1"; this node's count is what matters and Slurm
+    # gives it directly in SLURM_STEP_TASKS_PER_NODE only for homogeneous steps.
+    node = env.get("SLURM_NODEID", "0")
+    counts = _expand_counts(env.get("SLURM_STEP_TASKS_PER_NODE")
+                            or env.get("SLURM_TASKS_PER_NODE") or str(world))
+    index = int(node) if node.isdigit() else 0
+    return counts[index] if index < len(counts) else counts[-1]
+
+
+def _expand_counts(spec: str) -> list[int]:
+    counts: list[int] = []
+    for part in spec.split(","):
+        count, _, repeat = part.partition("(x")
+        counts += [int(count)] * (int(repeat.rstrip(")")) if repeat else 1)
+    return counts
+
+
+def slurm_port(env: Mapping[str, str]) -> int:
+    """A rendezvous port every task of one job derives alike: 20000 + job id mod 20000."""
+    job = env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID") or "0"
+    return 20000 + int(job) % 20000 if job.isdigit() else 29500
+
+
+def _first_host(env: Mapping[str, str]) -> str:
+    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or ""
+    if not nodelist:
+        return "127.0.0.1"
+    if not any(c in nodelist for c in "[],"):
+        return nodelist
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], check=True,
+                             capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as err:
+        raise LaunchError(f"cannot expand SLURM_JOB_NODELIST={nodelist!r} with "
+                          f"`scontrol show hostnames` ({err}); export MASTER_ADDR to the "
+                          "first node's address") from None
+    return out.split()[0]
+
+
+def _mpi(env: Mapping[str, str]) -> Launch | None:
+    for rank_key, size_key, local_key, local_size_key in (
+            ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
+            ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
+             "OMPI_COMM_WORLD_LOCAL_SIZE")):
+        if rank_key in env and size_key in env:
+            world = _int(env, size_key)
+            local = _int(env, local_key) if local_key in env else 0
+            local_world = _int(env, local_size_key) if local_size_key in env else world
+            return Launch("mpi", _int(env, rank_key), world, local, local_world,
+                          env.get("MASTER_ADDR", ""),
+                          _int(env, "MASTER_PORT") if "MASTER_PORT" in env else 0)
+    return None
+
+
+def _single(env: Mapping[str, str]) -> Launch:
+    return Launch("single", 0, 1, 0, 1)
+
+
+def free_port() -> int:
+    """A TCP port that is free on this host right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]

@@ -1,0 +1,1 @@
+"""Federated learning: aggregation, placement and sampling, algorithms, the round loop."""

@@ -1,0 +1,154 @@
+"""TAP's sparse, weighted aggregation as one flat buffer and one collective.
+
+Every trainable tensor of the union (server) model has a fixed offset in a flat value buffer and
+one slot in a count buffer. A rank adds ``weight * value`` of each client it trained into the
+value buffer and ``weight`` into the count slots of the tensors that client holds; the buffers of
+all ranks are summed (one all_reduce); a tensor becomes ``value / count`` where its count is
+positive and keeps its old value elsewhere. Clients holding different subsets of the union is what
+makes the average sparse: each tensor is averaged over exactly the clients that hold it.
+
+Everything here is a pure function of tensors; the collective is the caller's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+State = Mapping[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class FlatLayout:
+    """Fixed positions of the union model's trainable tensors in one flat buffer."""
+
+    names: tuple[str, ...]
+    shapes: tuple[torch.Size, ...]
+    offsets: tuple[int, ...]  # start of each tensor; offsets[-1] + its numel == numel
+    numel: int
+
+    @classmethod
+    def from_shapes(cls, shapes: Mapping[str, Sequence[int]]) -> FlatLayout:
+        """Layout in the mapping's order (the union model's parameter order)."""
+        names, sizes, offsets, total = [], [], [], 0
+        for name, shape in shapes.items():
+            size = torch.Size(shape)
+            names.append(name)
+            sizes.append(size)
+            offsets.append(total)
+            total += size.numel()
+        return cls(tuple(names), tuple(sizes), tuple(offsets), total)
+
+    def __post_init__(self) -> None:
+        if len(set(self.names)) != len(self.names):
+            raise ValueError("duplicate tensor names in the union layout")
+        object.__setattr__(self, "_index", {n: i for i, n in enumerate(self.names)})
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._index
+
+    def index(self, name: str) -> int:
+        try:
+            return self._index[name]
+        except KeyError:
+            raise KeyError(f"'{name}' is not a tensor of the union model") from None
+
+    def span(self, name: str) -> slice:
+        i = self.index(name)
+        return slice(self.offsets[i], self.offsets[i] + self.shapes[i].numel())
+
+
+@dataclass
+class RoundBuffer:
+    """What one rank contributes to a round: weighted values, weights, and client statistics.
+
+    All three live in one contiguous ``flat`` tensor so a round needs one all_reduce; with a bf16
+    transport the values are a separate bf16 buffer (``wire``) and counts and statistics stay fp32.
+    """
+
+    layout: FlatLayout
+    flat: torch.Tensor  # fp32: [values | counts | stats]
+    stats_shape: tuple[int, int]
+
+    @classmethod
+    def zeros(cls, layout: FlatLayout, n_clients: int, n_stats: int,
+              device: torch.device | str = "cpu") -> RoundBuffer:
+        size = layout.numel + len(layout) + n_clients * n_stats
+        return cls(layout, torch.zeros(size, dtype=torch.float32, device=device),
+                   (n_clients, n_stats))
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self.flat[: self.layout.numel]
+
+    @property
+    def counts(self) -> torch.Tensor:
+        return self.flat[self.layout.numel : self.layout.numel + len(self.layout)]
+
+    @property
+    def stats(self) -> torch.Tensor:
+        return self.flat[self.layout.numel + len(self.layout) :].view(self.stats_shape)
+
+    @property
+    def tail(self) -> torch.Tensor:
+        """Counts and stats: the part that stays fp32 under a bf16 transport."""
+        return self.flat[self.layout.numel :]
+
+
+def accumulate(buf: RoundBuffer, state: State, weight: float) -> None:
+    """Add ``weight * state`` into ``buf`` for the tensors ``state`` holds (a client's upload)."""
+    layout = buf.layout
+    for name, tensor in state.items():
+        i = layout.index(name)
+        if tensor.shape != layout.shapes[i]:
+            raise ValueError(f"'{name}' has shape {tuple(tensor.shape)}; the union layout "
+                             f"expects {tuple(layout.shapes[i])}")
+        buf.values[layout.span(name)].add_(tensor.detach().reshape(-1).to(torch.float32),
+                                           alpha=weight)
+        buf.counts[i] += weight
+
+
+def finalize(buf: RoundBuffer, old: State) -> dict[str, torch.Tensor]:
+    """The averaged union state: value/count where count > 0, the old tensor elsewhere."""
+    layout, new = buf.layout, {}
+    counts = buf.counts.tolist()
+    for i, name in enumerate(layout.names):
+        if counts[i] > 0:
+            avg = buf.values[layout.span(name)].view(layout.shapes[i]) / counts[i]
+            new[name] = avg.to(old[name].dtype)
+        else:
+            new[name] = old[name]
+    return new
+
+
+def pack(layout: FlatLayout, state: State) -> torch.Tensor:
+    """A full union state as one flat fp32 tensor (for broadcasts and checks)."""
+    return torch.cat([state[n].detach().reshape(-1).to(torch.float32) for n in layout.names])
+
+
+def unpack(layout: FlatLayout, flat: torch.Tensor, like: State) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`pack`, in the dtypes of ``like``."""
+    return {n: flat[layout.span(n)].view(s).to(like[n].dtype).clone()
+            for n, s in zip(layout.names, layout.shapes)}
+
+
+def all_reduce_round(ctx, buf: RoundBuffer, transport_dtype: str, what: str) -> int:
+    """Sum ``buf`` over all ranks; returns the bytes this rank put on the wire.
+
+    fp32: one all_reduce over ``flat``. bf16: the values travel as bf16 (the local sum stays
+    fp32 until the cast) and counts and stats in a second, small fp32 all_reduce: counts are
+    sums of sample counts, which bf16 cannot hold exactly.
+    """
+    if transport_dtype == "fp32":
+        ctx.all_reduce(buf.flat, what)
+        return buf.flat.numel() * 4
+    wire = buf.values.to(torch.bfloat16)
+    ctx.all_reduce(wire, what + " (bf16 values)")
+    ctx.all_reduce(buf.tail, what + " (counts)")
+    buf.values.copy_(wire)
+    return wire.numel() * 2 + buf.tail.numel() * 4
