@@ -70,7 +70,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _config(args: argparse.Namespace) -> int:
     if args.describe:
-        print(describe())
+        print(describe(), end="")
         return 0
     print(dump_config(load_config(args.config, args.overrides)), end="")
     return 0

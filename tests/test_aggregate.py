@@ -1,0 +1,105 @@
+import random
+
+import pytest
+import torch
+
+from tapdist.dist import SingleProcessContext
+from tapdist.fl.aggregate import (
+    FlatLayout,
+    RoundBuffer,
+    accumulate,
+    all_reduce_round,
+    finalize,
+    pack,
+    unpack,
+)
+
+
+def random_union(rng: random.Random) -> dict[str, tuple[int, ...]]:
+    shapes = {}
+    for i in range(rng.randint(1, 12)):
+        rank = rng.randint(0, 3)
+        shapes[f"block{i}.param{rng.randint(0, 9)}"] = tuple(rng.randint(1, 7)
+                                                             for _ in range(rank))
+    return shapes
+
+
+def naive_average(old, uploads):
+    """Per parameter: weighted mean over the clients that hold it; else unchanged."""
+    new = {}
+    for name, value in old.items():
+        holders = [(w, s[name].double()) for w, s in uploads if name in s]
+        if holders:
+            total = sum(w for w, _ in holders)
+            new[name] = (sum(w * v for w, v in holders) / total).float()
+        else:
+            new[name] = value
+    return new
+
+
+@pytest.mark.parametrize("trial", range(25))
+def test_matches_naive_average(trial):
+    rng = random.Random(trial)
+    gen = torch.Generator().manual_seed(trial)
+    shapes = random_union(rng)
+    layout = FlatLayout.from_shapes(shapes)
+    old = {n: torch.randn(s, generator=gen) for n, s in shapes.items()}
+    uploads = []
+    for _ in range(rng.randint(1, 6)):
+        held = rng.sample(list(shapes), rng.randint(0, len(shapes)))
+        state = {n: torch.randn(shapes[n], generator=gen) * 10 for n in held}
+        uploads.append((rng.randint(1, 5000), state))
+    buf = RoundBuffer.zeros(layout, n_clients=len(uploads), n_stats=2)
+    for weight, state in uploads:
+        accumulate(buf, state, weight)
+    new = finalize(buf, old)
+    expected = naive_average(old, uploads)
+    assert list(new) == list(shapes)
+    for name in shapes:
+        assert new[name].shape == old[name].shape
+        assert (new[name] - expected[name]).abs().max().item() <= 1e-6 * max(
+            1.0, expected[name].abs().max().item())
+        if not any(name in s for _, s in uploads):
+            assert new[name] is old[name]
+
+
+def test_bf16_transport_is_close_to_fp32():
+    gen = torch.Generator().manual_seed(0)
+    shapes = {"a": (64, 32), "b": (7,), "c": (3, 3)}
+    layout = FlatLayout.from_shapes(shapes)
+    old = {n: torch.zeros(s) for n, s in shapes.items()}
+    results = {}
+    for dtype in ("fp32", "bf16"):
+        gen.manual_seed(0)
+        buf = RoundBuffer.zeros(layout, 3, 1)
+        for weight in (1000, 3, 77):
+            accumulate(buf, {n: torch.randn(s, generator=gen) for n, s in shapes.items()}, weight)
+        buf.stats[1, 0] = 123.25
+        sent = all_reduce_round(SingleProcessContext(), buf, dtype, "test")
+        results[dtype] = (finalize(buf, old), sent, buf.stats.clone(), buf.counts.clone())
+    (exact, sent32, stats32, counts32), (approx, sent16, stats16, counts16) = (
+        results["fp32"], results["bf16"])
+    assert sent16 < 0.6 * sent32
+    assert torch.equal(stats16, stats32) and torch.equal(counts16, counts32)
+    for name in shapes:
+        torch.testing.assert_close(approx[name], exact[name], rtol=1e-2, atol=1e-2)
+
+
+def test_layout_offsets_and_pack_roundtrip():
+    layout = FlatLayout.from_shapes({"x": (2, 3), "y": (), "z": (4,)})
+    assert layout.offsets == (0, 6, 7) and layout.numel == 11
+    assert layout.span("z") == slice(7, 11)
+    state = {"x": torch.arange(6.0).view(2, 3), "y": torch.tensor(9.0),
+             "z": torch.ones(4, dtype=torch.bfloat16)}
+    back = unpack(layout, pack(layout, state), state)
+    for name in state:
+        assert torch.equal(back[name], state[name]) and back[name].dtype == state[name].dtype
+
+
+def test_errors_name_the_tensor():
+    layout = FlatLayout.from_shapes({"x": (2, 3)})
+    buf = RoundBuffer.zeros(layout, 1, 1)
+    with pytest.raises(KeyError, match="'nope' is not a tensor of the union model"):
+        accumulate(buf, {"nope": torch.zeros(1)}, 1.0)
+    with pytest.raises(ValueError, match=r"'x' has shape \(3, 2\)"):
+        accumulate(buf, {"x": torch.zeros(3, 2)}, 1.0)

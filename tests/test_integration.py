@@ -1,0 +1,109 @@
+"""One federation, four launchers: 1 process, torchrun, mpiexec and srun must agree.
+
+Roles are data: every rank derives the same sample and seeds every client's training from
+(seed, round, client), so the world size changes only the order of floating-point sums.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, STANDIN_CONFIG, unavailable, venv_tool
+
+from tapdist.checkpoint import load_state
+from tapdist.config import load_config
+from tapdist.dist.launch import free_port
+
+pytestmark = pytest.mark.integration
+
+TRAIN = ["-m", "tapdist", "train", str(STANDIN_CONFIG)]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+
+
+def run(cmd: list[str], run_dir: Path, *extra: str, timeout: int = 300) -> Path:
+    result = subprocess.run([*cmd, "--run-dir", str(run_dir), *extra], env=ENV, cwd=ROOT,
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}"
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    return run([sys.executable, *TRAIN], tmp_path_factory.mktemp("single") / "run")
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    if venv_tool("srun") is None:
+        unavailable("srun not found: apt-get install slurm-wlm munge")
+    up = subprocess.run(["bash", str(ROOT / "slurm" / "local_cluster.sh"), "up"],
+                        capture_output=True, text=True, timeout=300)
+    if up.returncode == 3:
+        unavailable(up.stderr.strip() or "slurm/munge binaries missing")
+    assert up.returncode == 0, f"local Slurm cluster did not start:\n{up.stdout}\n{up.stderr}"
+
+
+def assert_same_run(run_dir: Path, reference: Path) -> None:
+    ours, theirs = load_state(run_dir / "final" / "global.h5"), load_state(
+        reference / "final" / "global.h5")
+    assert list(ours) == list(theirs)
+    for name in theirs:
+        assert (ours[name] - theirs[name]).abs().max().item() <= 1e-5, name
+    got = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    want = [json.loads(x) for x in (reference / "metrics.jsonl").read_text().splitlines()]
+    assert len(got) == len(want) == 5
+    for g, w in zip(got, want):
+        assert (g["round"], g["sampled"], g["tensors_updated"]) == (
+            w["round"], w["sampled"], w["tensors_updated"])
+        for client, stats in w["clients"].items():
+            assert g["clients"][client]["samples"] == stats["samples"]
+            assert g["clients"][client]["loss"] == pytest.approx(stats["loss"], rel=1e-5)
+    same = ("run", "model", "federation", "train")
+    ours_cfg, their_cfg = (load_config(d / "config.yaml").to_dict() for d in (run_dir, reference))
+    assert {k: ours_cfg[k] for k in same} == {k: their_cfg[k] for k in same}
+
+
+def test_torchrun_matches_single_process(reference, tmp_path):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=3",
+                "--master_addr=127.0.0.1", f"--master_port={free_port()}"]
+    assert_same_run(run(torchrun + TRAIN[1:], tmp_path / "run"), reference)
+    ranks = {c["rank"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+             for c in json.loads(line)["clients"].values()}
+    assert ranks == {0, 1, 2}
+
+
+@pytest.mark.parametrize("backend", ["gloo", "mpi"])
+def test_mpiexec_matches_single_process(reference, tmp_path, backend):
+    mpiexec = venv_tool("mpiexec")
+    if mpiexec is None:
+        unavailable("mpiexec not found: pip install 'tapdist[mpi-wheel]'")
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        unavailable("mpi4py not installed: pip install 'tapdist[mpi-wheel]'")
+    cmd = [mpiexec, "-n", "3", sys.executable, *TRAIN]
+    assert_same_run(run(cmd, tmp_path / "run", "--set", f"dist.backend={backend}"), reference)
+
+
+def test_srun_matches_single_process(reference, tmp_path, slurm_cluster):
+    srun = [venv_tool("srun"), "-n", "3", "--overcommit", "--kill-on-bad-exit=1",
+            "--time=10", sys.executable, *TRAIN]
+    assert_same_run(run(srun, tmp_path / "run"), reference)
+
+
+def test_sbatch_template_runs_the_same_federation(reference, tmp_path, slurm_cluster):
+    out = tmp_path / "job.out"
+    cmd = [venv_tool("sbatch"), "--wait", "--ntasks=3", "--overcommit", f"--output={out}",
+           str(ROOT / "slurm" / "tapdist.sbatch"), str(STANDIN_CONFIG)]
+    env = dict(ENV, PYTHON=sys.executable)
+    result = subprocess.run([*cmd, "--run-dir", str(tmp_path / "run")], env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    log = out.read_text() if out.exists() else ""
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}\n{log}"
+    assert "done in" in log
+    assert_same_run(tmp_path / "run", reference)
