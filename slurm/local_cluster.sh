@@ -9,7 +9,8 @@
 #   down    stop the daemons this script started (by pid file); always exit 0.
 #   status  exit 0 when `srun -n 1 true` works, else 1.
 #
-# Must run as root (the daemons run as root: SlurmUser=root, munged --force).
+# Must run as root: slurmctld/slurmd run as root (SlurmUser=root); munged
+# runs as the munge user when it exists, else as root with --force.
 # Needs the Debian packages: apt-get install slurm-wlm munge
 #
 # Environment:
@@ -17,7 +18,7 @@
 #                       (default /var/spool/slurm-tapdist)
 #   TAPDIST_SLURM_WAIT  seconds `up` waits for the node to be usable (60)
 #
-# Exit codes: 0 ok, 1 failure, 2 usage, 3 slurm/munge not installed.
+# Exit codes: 0 ok, 1 failure, 2 usage, 3 slurm/munge not installed or not root.
 set -euo pipefail
 
 STATE_DIR=${TAPDIST_SLURM_DIR:-/var/spool/slurm-tapdist}
@@ -34,6 +35,8 @@ MUNGED_PID=$MUNGE_RUN/munged.pid
 MUNGED_LOG=$LOG_DIR/munged.log
 CTLD_PID=$STATE_DIR/slurmctld.pid
 SLURMD_PID=$STATE_DIR/slurmd.pid
+# Machine-wide, not under STATE_DIR: slurm.conf and the ports are global too.
+LOCK=/run/lock/tapdist-local-cluster.lock
 
 log() { echo "local_cluster: $*" >&2; }
 
@@ -62,7 +65,7 @@ require_tools() {
 }
 
 require_root() {
-    [[ $(id -u) -eq 0 ]] || { log "must run as root"; exit 1; }
+    [[ $(id -u) -eq 0 ]] || { log "must run as root to start a cluster"; exit 3; }
 }
 
 # Is the process named in pid file $1 alive?
@@ -73,11 +76,20 @@ pid_alive() {
     [[ $pid =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null
 }
 
+# Our slurm.conf is in place but one of our daemons is gone: skip the srun
+# probe, which takes ~10 s to fail when slurmd is missing.
+daemon_died() {
+    [[ -f $CONF ]] && grep -qxF "SlurmdPidFile=$SLURMD_PID" "$CONF" || return 1
+    ! pid_alive "$CTLD_PID" || ! pid_alive "$SLURMD_PID"
+}
+
 munge_ok() { munge -n 2>/dev/null | unmunge >/dev/null 2>&1; }
 
-# `timeout` because srun retries for a long time when slurmctld is gone.
+# scontrol ping first: it fails at once when slurmctld is gone, where srun
+# retries for ~10 s. `timeout` because srun can also wait on a wedged node.
 srun_ok() {
     [[ -f $CONF ]] || return 1
+    timeout 5 scontrol ping >/dev/null 2>&1 || return 1
     timeout 20 srun -n 1 -t 1 --quiet true >/dev/null 2>&1
 }
 
@@ -200,23 +212,35 @@ stop_pidfile() {
     log "stopped $name ($pid)"
 }
 
+# The daemons fork and write their pid file a moment after the parent exits.
+wait_pidfile() {
+    local i
+    for ((i = 0; i < 100; i++)); do
+        pid_alive "$1" && return 0
+        sleep 0.1
+    done
+    die "$2 exited right after starting"
+}
+
 node_state() { timeout 10 sinfo -h -o %t 2>/dev/null | head -n1 || true; }
 
 cmd_up() {
     require_tools
     require_root
-    mkdir -p "$STATE_DIR"
+    mkdir -p "$STATE_DIR" "$(dirname "$LOCK")"
     # Several test sessions may call `up` at once: serialise them.
-    exec 9>"$STATE_DIR/lock"
-    flock -w $((WAIT_S + 60)) 9 || die "timed out waiting for $STATE_DIR/lock"
+    exec 9>"$LOCK"
+    flock -w $((WAIT_S + 60)) 9 || die "timed out waiting for $LOCK (another up/down stuck?)"
 
-    if munge_ok && srun_ok; then
+    if munge_ok && ! daemon_died && srun_ok; then
         log "already up ($(summary))"
         return 0
     fi
 
     local t0=$SECONDS
-    mkdir -p "$LOG_DIR" "$MUNGE_RUN" "$STATE_DIR/ctld" "$STATE_DIR/d" "$(dirname "$CONF")"
+    # 0755: munged (as the munge user) must reach its pid and log files.
+    install -d -m 0755 "$STATE_DIR" "$LOG_DIR" "$MUNGE_RUN"
+    mkdir -p "$STATE_DIR/ctld" "$STATE_DIR/d" "$(dirname "$CONF")"
     if [[ -f $CONF ]] && ! grep -qF "$MARKER" "$CONF"; then
         die "$CONF exists and was not written by this script; not overwriting it"
     fi
@@ -232,7 +256,9 @@ cmd_up() {
 
     # -i: ignore unreadable state left by an earlier, killed run.
     slurmctld -i 9>&- || die "slurmctld did not start"
+    wait_pidfile "$CTLD_PID" slurmctld
     slurmd 9>&- || die "slurmd did not start"
+    wait_pidfile "$SLURMD_PID" slurmd
 
     local st="" deadline=$((SECONDS + WAIT_S)) host
     host=$(hostname -s)
@@ -264,8 +290,8 @@ summary() {
 
 cmd_down() {
     # Let an `up` in progress finish first, but never hang a teardown on it.
-    if [[ -d $STATE_DIR ]]; then
-        exec 9>"$STATE_DIR/lock"
+    if [[ -d $(dirname "$LOCK") ]]; then
+        exec 9>"$LOCK"
         flock -w 30 9 || log "lock busy; stopping anyway"
     fi
     stop_pidfile "$SLURMD_PID" slurmd

@@ -44,8 +44,9 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
-def save_state(path: str | os.PathLike, state: Mapping[str, torch.Tensor],
-               attrs: Mapping[str, object] = ()) -> None:
+def save_state(
+    path: str | os.PathLike, state: Mapping[str, torch.Tensor], attrs: Mapping[str, object] = ()
+) -> None:
     """Write ``state`` to HDF5 at ``path`` atomically; ``attrs`` go on the root group."""
     for name in state:
         if "/" in name:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from tapdist.config import ConfigError, describe, dump_config, load_config
+from tapdist.config import describe, dump_config, load_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -14,38 +13,42 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as err:
-        print(f"tapdist: config error: {err}", file=sys.stderr)
-        return 2
     except Exception as err:
-        from tapdist.dist import DistError, LaunchError
-        from tapdist.fl.topology import TopologyError
-        from tapdist.registry import RegistryError
+        from tapdist.errors import USER_ERRORS, exit_code, report
 
-        if isinstance(err, (DistError, LaunchError, TopologyError, RegistryError)):
-            print(f"tapdist: error: {err}", file=sys.stderr)
-            return 1
-        raise
+        if not isinstance(err, USER_ERRORS):
+            raise
+        report(err)
+        return exit_code(err)
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tapdist", description=(
-        "Distributed runtime for TAP, personalized federated fine-tuning of multi-modal, "
-        "multi-task foundation models."))
+    parser = argparse.ArgumentParser(
+        prog="tapdist",
+        description=(
+            "Distributed runtime for TAP, personalized federated fine-tuning of multi-modal, "
+            "multi-task foundation models."
+        ),
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="run a federation (under any launcher)")
     _config_args(train)
-    train.add_argument("--run-dir", type=Path, help="output folder (default: run.run_dir, "
-                       "else runs/<run.name>)")
+    train.add_argument(
+        "--run-dir", type=Path, help="output folder (default: run.run_dir, else runs/<run.name>)"
+    )
     train.set_defaults(func=_train)
 
     config = sub.add_parser("config", help="print the resolved config, or every key")
     config.add_argument("config", nargs="?", help="YAML file (omit for the defaults)")
-    config.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="SECTION.KEY=VALUE")
-    config.add_argument("--describe", action="store_true",
-                        help="list every section and key with its default and accepted values")
+    config.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE"
+    )
+    config.add_argument(
+        "--describe",
+        action="store_true",
+        help="list every section and key with its default and accepted values",
+    )
     config.set_defaults(func=_config)
 
     models = sub.add_parser("models", help="list registered models and algorithms")
@@ -56,8 +59,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML config file")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="SECTION.KEY=VALUE", help="override one key (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one key (repeatable)",
+    )
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -24,8 +24,14 @@ class ConfigError(ValueError):
     """A configuration value is missing, unknown, of the wrong type or out of range."""
 
 
-def option(default: Any, help: str, *, choices: tuple | None = None, min: float | None = None,
-           max: float | None = None) -> Any:
+def option(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple | None = None,
+    min: float | None = None,
+    max: float | None = None,
+) -> Any:
     """Declare a config key: its default, help text and accepted values."""
     meta = {"help": help, "choices": choices, "min": min, "max": max}
     if isinstance(default, (list, dict)):
@@ -40,10 +46,14 @@ class RunConfig:
     name: str = option("tapdist", "run name; the default run folder is runs/<name>")
     seed: int = option(41, "seed of every random choice (client sampling, init, batches)", min=0)
     run_dir: str = option("", "output folder; empty means runs/<name>")
-    plugins: list = option([], "Python modules or .py files (relative to the config file) "
-                               "imported at start; they may register models and algorithms")
-    log_level: str = option("info", "log level of the server rank",
-                            choices=("debug", "info", "warning", "error"))
+    plugins: list = option(
+        [],
+        "Python modules or .py files (relative to the config file) "
+        "imported at start; they may register models and algorithms",
+    )
+    log_level: str = option(
+        "info", "log level of the server rank", choices=("debug", "info", "warning", "error")
+    )
     log_all_ranks: bool = option(False, "let every rank log at log_level, not only the server")
 
 
@@ -87,19 +97,28 @@ class DataConfig:
 class DistConfig:
     """Processes, devices, transport and client placement."""
 
-    launcher: str = option("auto", "how the processes were started; auto reads the environment",
-                           choices=("auto", "single", "torchrun", "slurm", "mpi"))
-    backend: str = option("auto", "collective transport; auto = nccl with CUDA, gloo otherwise",
-                          choices=("auto", "nccl", "gloo", "mpi"))
-    device: str = option("auto", "compute device; auto = cuda if available",
-                         choices=("auto", "cpu", "cuda"))
-    transport_dtype: str = option("fp32", "dtype of the aggregated values on the wire",
-                                  choices=("fp32", "bf16"))
+    launcher: str = option(
+        "auto",
+        "how the processes were started; auto reads the environment",
+        choices=("auto", "single", "torchrun", "slurm", "mpi"),
+    )
+    backend: str = option(
+        "auto",
+        "collective transport; auto = nccl with CUDA, gloo otherwise",
+        choices=("auto", "nccl", "gloo", "mpi"),
+    )
+    device: str = option(
+        "auto", "compute device; auto = cuda if available", choices=("auto", "cpu", "cuda")
+    )
+    transport_dtype: str = option(
+        "fp32", "dtype of the aggregated values on the wire", choices=("fp32", "bf16")
+    )
     timeout_s: float = option(600.0, "seconds a collective may wait for the other ranks", min=1.0)
     init_timeout_s: float = option(120.0, "seconds the rendezvous may take", min=1.0)
     server_hosts_clients: bool = option(True, "rank 0 (the server) also trains clients")
-    placement: str = option("round_robin", "how clients are assigned to ranks",
-                            choices=("round_robin", "balanced"))
+    placement: str = option(
+        "round_robin", "how clients are assigned to ranks", choices=("round_robin", "balanced")
+    )
     allow_idle_ranks: bool = option(False, "accept more client-hosting ranks than clients")
 
 
@@ -130,11 +149,13 @@ class Config:
         if fed.clients_per_round > fed.clients:
             raise ConfigError(
                 f"federation.clients_per_round = {fed.clients_per_round} exceeds "
-                f"federation.clients = {fed.clients}; accepted: 1..{fed.clients}")
+                f"federation.clients = {fed.clients}; accepted: 1..{fed.clients}"
+            )
         if self.dist.transport_dtype == "bf16" and self.dist.backend == "mpi":
             raise ConfigError(
                 "dist.transport_dtype = bf16 is not available with dist.backend = mpi "
-                "(MPI has no bfloat16 sum); accepted: fp32 with mpi, or bf16 with gloo/nccl")
+                "(MPI has no bfloat16 sum); accepted: fp32 with mpi, or bf16 with gloo/nccl"
+            )
 
     @property
     def run_dir(self) -> Path:
@@ -168,8 +189,10 @@ def from_dict(raw: dict[str, Any]) -> Config:
     values = {}
     for name, body in raw.items():
         if name not in known:
-            raise ConfigError(f"unknown section '{name}'{_suggest(name, known)}; "
-                              f"accepted sections: {', '.join(known)}")
+            raise ConfigError(
+                f"unknown section '{name}'{_suggest(name, known)}; "
+                f"accepted sections: {', '.join(known)}"
+            )
         values[name] = _build_section(name, _kind(known[name]), body or {})
     return Config(**values)
 
@@ -181,9 +204,11 @@ def dump_config(cfg: Config) -> str:
 
 def describe() -> str:
     """Every section and key with its default and help text, as commented YAML."""
-    lines = ["# Every tapdist config key: default, accepted values, meaning.",
-             "# Generated by `tapdist config --describe`; a config file sets only what differs.",
-             ""]
+    lines = [
+        "# Every tapdist config key: default, accepted values, meaning.",
+        "# Generated by `tapdist config --describe`; a config file sets only what differs.",
+        "",
+    ]
     for sec in sections():
         cls = _kind(sec)
         lines.append(f"{sec.name}:  # {cls.__doc__.strip()}")
@@ -211,8 +236,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of sections, "
-                          f"got {type(data).__name__}")
+        raise ConfigError(
+            f"config file {path} must hold a mapping of sections, got {type(data).__name__}"
+        )
     return data
 
 
@@ -220,8 +246,9 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     key, sep, text = item.partition("=")
     parts = key.strip().split(".")
     if not sep or len(parts) != 2 or not all(parts):
-        raise ConfigError(f"override '{item}' must look like section.key=value "
-                          f"(for example federation.rounds=5)")
+        raise ConfigError(
+            f"override '{item}' must look like section.key=value (for example federation.rounds=5)"
+        )
     section, name = parts
     try:
         value = yaml.safe_load(text) if text.strip() else ""
@@ -243,15 +270,18 @@ class _Override:
 
 def _build_section(section: str, cls: type, body: Any) -> Any:
     if not isinstance(body, dict):
-        raise ConfigError(f"section '{section}' must be a mapping of keys, "
-                          f"got {type(body).__name__}")
+        raise ConfigError(
+            f"section '{section}' must be a mapping of keys, got {type(body).__name__}"
+        )
     known = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in body.items():
         if key not in known:
             accepted = ", ".join(known) if known else "none yet"
-            raise ConfigError(f"unknown key '{section}.{key}'{_suggest(key, known)}; "
-                              f"accepted keys in section '{section}': {accepted}")
+            raise ConfigError(
+                f"unknown key '{section}.{key}'{_suggest(key, known)}; "
+                f"accepted keys in section '{section}': {accepted}"
+            )
         kwargs[key] = _check(section, known[key], value)
     return cls(**kwargs)
 
@@ -273,10 +303,12 @@ def _check(section: str, f: dataclasses.Field, value: Any) -> Any:
     in_range = ok and (
         (meta["choices"] is None or value in meta["choices"])
         and (meta["min"] is None or value >= meta["min"])
-        and (meta["max"] is None or value <= meta["max"]))
+        and (meta["max"] is None or value <= meta["max"])
+    )
     if not in_range:
-        raise ConfigError(f"bad value for '{section}.{f.name}': {value!r}{origin}; "
-                          f"accepted: {_accepted(f)}")
+        raise ConfigError(
+            f"bad value for '{section}.{f.name}': {value!r}{origin}; accepted: {_accepted(f)}"
+        )
     return float(value) if kind is float else value
 
 
@@ -284,8 +316,13 @@ def _accepted(f: dataclasses.Field) -> str:
     meta, kind = f.metadata, _kind(f)
     if meta["choices"]:
         return "one of " + ", ".join(map(str, meta["choices"]))
-    noun = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
-            list: "a list of strings"}[kind]
+    noun = {
+        bool: "true or false",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "a list of strings",
+    }[kind]
     if meta["min"] is not None and meta["max"] is not None:
         return f"{noun} in [{meta['min']}, {meta['max']}]"
     if meta["min"] is not None:

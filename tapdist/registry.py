@@ -41,9 +41,11 @@ class Registry:
             return self._factories[name]
         except KeyError:
             known = ", ".join(sorted(self._factories)) or "none"
-            raise RegistryError(f"no {self.kind} named '{name}'; registered: {known}. A model "
-                                "or algorithm of your own is added by naming its module in "
-                                "run.plugins") from None
+            raise RegistryError(
+                f"no {self.kind} named '{name}'; registered: {known}. A model "
+                "or algorithm of your own is added by naming its module in "
+                "run.plugins"
+            ) from None
 
     def names(self) -> list[str]:
         return sorted(self._factories)
@@ -61,8 +63,9 @@ def load_plugins(specs: Iterable[str], base_dir: Path | None = None) -> None:
         except RegistryError:
             raise
         except Exception as err:
-            raise RegistryError(f"plugin '{spec}' failed to import: "
-                                f"{type(err).__name__}: {err}") from err
+            raise RegistryError(
+                f"plugin '{spec}' failed to import: {type(err).__name__}: {err}"
+            ) from err
 
 
 def _import(spec: str, base_dir: Path | None) -> None:
@@ -73,8 +76,10 @@ def _import(spec: str, base_dir: Path | None) -> None:
     if not path.is_absolute() and base_dir is not None:
         path = base_dir / path
     if not path.is_file():
-        raise RegistryError(f"plugin file {path} does not exist (run.plugins entries ending in "
-                            ".py are paths relative to the config file)")
+        raise RegistryError(
+            f"plugin file {path} does not exist (run.plugins entries ending in "
+            ".py are paths relative to the config file)"
+        )
     name = f"tapdist_plugin_{path.stem}"
     if name in sys.modules:
         return

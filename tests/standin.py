@@ -8,6 +8,8 @@ product ships only the TAP model; it plugs in through the same model registry.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -17,8 +19,12 @@ from tapdist.registry import MODELS
 
 DIM, CLASSES = 8, 4
 # (modalities, tasks) by client id modulo 4: covers both modalities and both task kinds.
-PATTERNS = ((("image",), ("cls",)), (("text",), ("cls",)), (("image", "text"), ("gen",)),
-            (("text",), ("cls", "gen")))
+PATTERNS = (
+    (("image",), ("cls",)),
+    (("text",), ("cls",)),
+    (("image", "text"), ("gen",)),
+    (("text",), ("cls", "gen")),
+)
 
 
 class StandIn:
@@ -29,13 +35,20 @@ class StandIn:
         self.data = [self._make_data(c) for c in range(cfg.federation.clients)]
 
     def clients(self) -> list[ClientInfo]:
-        return [ClientInfo(c, len(d["target"]), "+".join(m) + ": " + "+".join(t))
-                for c, (d, (m, t)) in enumerate(zip(self.data, self.specs))]
+        return [
+            ClientInfo(c, len(d["target"]), "+".join(m) + ": " + "+".join(t))
+            for c, (d, (m, t)) in enumerate(zip(self.data, self.specs))
+        ]
 
     def union_shapes(self) -> dict[str, tuple[int, ...]]:
-        return {"enc.image.weight": (DIM, DIM), "enc.text.weight": (DIM, DIM),
-                "shared.weight": (DIM, DIM), "head.cls.weight": (CLASSES, DIM),
-                "head.cls.bias": (CLASSES,), "head.gen.weight": (DIM, DIM)}
+        return {
+            "enc.image.weight": (DIM, DIM),
+            "enc.text.weight": (DIM, DIM),
+            "shared.weight": (DIM, DIM),
+            "head.cls.weight": (CLASSES, DIM),
+            "head.cls.bias": (CLASSES,),
+            "head.gen.weight": (DIM, DIM),
+        }
 
     def client_keys(self, client: int) -> list[str]:
         mods, tasks = self.specs[client]
@@ -46,10 +59,14 @@ class StandIn:
 
     def initial_state(self) -> dict[str, torch.Tensor]:
         gen = torch.Generator().manual_seed(self.seed)
-        return {name: 0.3 * torch.randn(shape, generator=gen)
-                for name, shape in self.union_shapes().items()}
+        return {
+            name: 0.3 * torch.randn(shape, generator=gen)
+            for name, shape in self.union_shapes().items()
+        }
 
     def local_train(self, client, state, generator):
+        if os.environ.get("STANDIN_FAIL_CLIENT") == str(client):  # failure-path tests
+            raise RuntimeError(f"injected failure in client {client}")
         params = {k: v.detach().clone().requires_grad_(True) for k, v in state.items()}
         data, (mods, tasks) = self.data[client], self.specs[client]
         n, losses = len(data["target"]), []
@@ -68,8 +85,9 @@ class StandIn:
         z = h + torch.tanh(h @ p["shared.weight"].T)
         loss = 0.0
         if "cls" in tasks:
-            loss = loss + F.cross_entropy(z @ p["head.cls.weight"].T + p["head.cls.bias"],
-                                          batch["label"])
+            loss = loss + F.cross_entropy(
+                z @ p["head.cls.weight"].T + p["head.cls.bias"], batch["label"]
+            )
         if "gen" in tasks:
             loss = loss + F.mse_loss(z @ p["head.gen.weight"].T, batch["target"])
         return loss
@@ -81,8 +99,12 @@ class StandIn:
         teacher = rng.standard_normal((DIM, DIM)).astype(np.float32) / np.sqrt(DIM)
         target = sum(x[m] for m in self.specs[client][0]) @ teacher
         label = np.argmax(target[:, :CLASSES], axis=1)
-        return {"image": torch.from_numpy(x["image"]), "text": torch.from_numpy(x["text"]),
-                "target": torch.from_numpy(target), "label": torch.from_numpy(label)}
+        return {
+            "image": torch.from_numpy(x["image"]),
+            "text": torch.from_numpy(x["text"]),
+            "target": torch.from_numpy(target),
+            "label": torch.from_numpy(label),
+        }
 
 
 @MODELS.register("standin")

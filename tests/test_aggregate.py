@@ -19,8 +19,7 @@ def random_union(rng: random.Random) -> dict[str, tuple[int, ...]]:
     shapes = {}
     for i in range(rng.randint(1, 12)):
         rank = rng.randint(0, 3)
-        shapes[f"block{i}.param{rng.randint(0, 9)}"] = tuple(rng.randint(1, 7)
-                                                             for _ in range(rank))
+        shapes[f"block{i}.param{rng.randint(0, 9)}"] = tuple(rng.randint(1, 7) for _ in range(rank))
     return shapes
 
 
@@ -58,7 +57,8 @@ def test_matches_naive_average(trial):
     for name in shapes:
         assert new[name].shape == old[name].shape
         assert (new[name] - expected[name]).abs().max().item() <= 1e-6 * max(
-            1.0, expected[name].abs().max().item())
+            1.0, expected[name].abs().max().item()
+        )
         if not any(name in s for _, s in uploads):
             assert new[name] is old[name]
 
@@ -75,22 +75,43 @@ def test_bf16_transport_is_close_to_fp32():
         for weight in (1000, 3, 77):
             accumulate(buf, {n: torch.randn(s, generator=gen) for n, s in shapes.items()}, weight)
         buf.stats[1, 0] = 123.25
-        sent = all_reduce_round(SingleProcessContext(), buf, dtype, "test")
+        sent = all_reduce_round(_OneOfTwo(), buf, dtype, "test")
         results[dtype] = (finalize(buf, old), sent, buf.stats.clone(), buf.counts.clone())
     (exact, sent32, stats32, counts32), (approx, sent16, stats16, counts16) = (
-        results["fp32"], results["bf16"])
+        results["fp32"],
+        results["bf16"],
+    )
     assert sent16 < 0.6 * sent32
     assert torch.equal(stats16, stats32) and torch.equal(counts16, counts32)
     for name in shapes:
         torch.testing.assert_close(approx[name], exact[name], rtol=1e-2, atol=1e-2)
 
 
+class _OneOfTwo(SingleProcessContext):
+    """Rank 0 of two whose partner contributes zeros: the sum is the local buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.world_size = 2
+
+
+def test_nothing_travels_in_a_single_process():
+    layout = FlatLayout.from_shapes({"a": (3,)})
+    buf = RoundBuffer.zeros(layout, 1, 1)
+    accumulate(buf, {"a": torch.tensor([1.0, 2.0, 3.0])}, 3)
+    assert all_reduce_round(SingleProcessContext(), buf, "bf16", "test") == 0
+    assert finalize(buf, {"a": torch.zeros(3)})["a"].tolist() == [1.0, 2.0, 3.0]
+
+
 def test_layout_offsets_and_pack_roundtrip():
     layout = FlatLayout.from_shapes({"x": (2, 3), "y": (), "z": (4,)})
     assert layout.offsets == (0, 6, 7) and layout.numel == 11
     assert layout.span("z") == slice(7, 11)
-    state = {"x": torch.arange(6.0).view(2, 3), "y": torch.tensor(9.0),
-             "z": torch.ones(4, dtype=torch.bfloat16)}
+    state = {
+        "x": torch.arange(6.0).view(2, 3),
+        "y": torch.tensor(9.0),
+        "z": torch.ones(4, dtype=torch.bfloat16),
+    }
     back = unpack(layout, pack(layout, state), state)
     for name in state:
         assert torch.equal(back[name], state[name]) and back[name].dtype == state[name].dtype

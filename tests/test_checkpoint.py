@@ -7,10 +7,12 @@ from tapdist.checkpoint import atomic_path, load_state, save_state
 
 def test_roundtrip_is_exact(tmp_path):
     gen = torch.Generator().manual_seed(0)
-    state = {"enc.image.lora_A": torch.randn(4, 8, generator=gen),
-             "head.bias": torch.randn(3, generator=gen).to(torch.bfloat16),
-             "scale": torch.tensor(2.5, dtype=torch.float64),
-             "steps": torch.arange(5, dtype=torch.int32)}
+    state = {
+        "enc.image.lora_A": torch.randn(4, 8, generator=gen),
+        "head.bias": torch.randn(3, generator=gen).to(torch.bfloat16),
+        "scale": torch.tensor(2.5, dtype=torch.float64),
+        "steps": torch.arange(5, dtype=torch.int32),
+    }
     path = tmp_path / "final" / "global.h5"
     save_state(path, state, {"round": 3})
     back = load_state(path)

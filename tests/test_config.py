@@ -7,7 +7,8 @@ from tapdist.config import Config, ConfigError, describe, dump_config, from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 YAML_FILES = sorted((ROOT / "configs").glob("*.yaml")) + sorted(
-    (ROOT / "tests" / "configs").glob("*.yaml"))
+    (ROOT / "tests" / "configs").glob("*.yaml")
+)
 
 
 def test_defaults_are_valid():
@@ -27,14 +28,23 @@ def test_every_shipped_config_loads(path):
 def test_reference_config_documents_every_key():
     assert (ROOT / "configs" / "reference.yaml").read_text() == describe(), (
         "configs/reference.yaml is stale: regenerate it with "
-        "`tapdist config --describe > configs/reference.yaml`")
+        "`tapdist config --describe > configs/reference.yaml`"
+    )
 
 
 def test_overrides_parse_types(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("federation: {rounds: 3}\n")
-    cfg = load_config(path, ["federation.rounds=5", "run.name=123", "dist.timeout_s=7",
-                             "run.plugins=[a, b]", "dist.server_hosts_clients=false"])
+    cfg = load_config(
+        path,
+        [
+            "federation.rounds=5",
+            "run.name=123",
+            "dist.timeout_s=7",
+            "run.plugins=[a, b]",
+            "dist.server_hosts_clients=false",
+        ],
+    )
     assert cfg.federation.rounds == 5
     assert cfg.run.name == "123"  # a str key keeps the text as written
     assert cfg.dist.timeout_s == 7.0 and isinstance(cfg.dist.timeout_s, float)
@@ -42,18 +52,23 @@ def test_overrides_parse_types(tmp_path):
     assert cfg.dist.server_hosts_clients is False
 
 
-@pytest.mark.parametrize("overrides, words", [
-    (["federation.roundz=3"], ["federation.roundz", "did you mean 'rounds'", "accepted keys",
-                               "clients_per_round"]),
-    (["federation.rounds=-1"], ["federation.rounds", "-1", "an integer >= 0"]),
-    (["federation.rounds=2.5"], ["federation.rounds", "an integer"]),
-    (["dist.backend=tcp"], ["dist.backend", "one of auto, nccl, gloo, mpi"]),
-    (["dist.server_hosts_clients=yes please"], ["dist.server_hosts_clients", "true or false"]),
-    (["feddration.rounds=3"], ["unknown section 'feddration'", "did you mean 'federation'"]),
-    (["rounds=3"], ["section.key=value"]),
-    (["federation.clients_per_round=11"], ["clients_per_round", "exceeds", "1..10"]),
-    (["dist.backend=mpi", "dist.transport_dtype=bf16"], ["bf16", "mpi"]),
-])
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (
+            ["federation.roundz=3"],
+            ["federation.roundz", "did you mean 'rounds'", "accepted keys", "clients_per_round"],
+        ),
+        (["federation.rounds=-1"], ["federation.rounds", "-1", "an integer >= 0"]),
+        (["federation.rounds=2.5"], ["federation.rounds", "an integer"]),
+        (["dist.backend=tcp"], ["dist.backend", "one of auto, nccl, gloo, mpi"]),
+        (["dist.server_hosts_clients=yes please"], ["dist.server_hosts_clients", "true or false"]),
+        (["feddration.rounds=3"], ["unknown section 'feddration'", "did you mean 'federation'"]),
+        (["rounds=3"], ["section.key=value"]),
+        (["federation.clients_per_round=11"], ["clients_per_round", "exceeds", "1..10"]),
+        (["dist.backend=mpi", "dist.transport_dtype=bf16"], ["bf16", "mpi"]),
+    ],
+)
 def test_bad_values_name_key_and_accepted_values(overrides, words):
     with pytest.raises(ConfigError) as err:
         load_config(None, overrides)

@@ -26,8 +26,14 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED
 
 
 def run(cmd: list[str], run_dir: Path, *extra: str, timeout: int = 300) -> Path:
-    result = subprocess.run([*cmd, "--run-dir", str(run_dir), *extra], env=ENV, cwd=ROOT,
-                            capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(
+        [*cmd, "--run-dir", str(run_dir), *extra],
+        env=ENV,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}"
     return run_dir
 
@@ -41,16 +47,22 @@ def reference(tmp_path_factory) -> Path:
 def slurm_cluster():
     if venv_tool("srun") is None:
         unavailable("srun not found: apt-get install slurm-wlm munge")
-    up = subprocess.run(["bash", str(ROOT / "slurm" / "local_cluster.sh"), "up"],
-                        capture_output=True, text=True, timeout=300)
+    up = subprocess.run(
+        ["bash", str(ROOT / "slurm" / "local_cluster.sh"), "up"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if up.returncode == 3:
         unavailable(up.stderr.strip() or "slurm/munge binaries missing")
     assert up.returncode == 0, f"local Slurm cluster did not start:\n{up.stdout}\n{up.stderr}"
 
 
 def assert_same_run(run_dir: Path, reference: Path) -> None:
-    ours, theirs = load_state(run_dir / "final" / "global.h5"), load_state(
-        reference / "final" / "global.h5")
+    ours, theirs = (
+        load_state(run_dir / "final" / "global.h5"),
+        load_state(reference / "final" / "global.h5"),
+    )
     assert list(ours) == list(theirs)
     for name in theirs:
         assert (ours[name] - theirs[name]).abs().max().item() <= 1e-5, name
@@ -59,7 +71,10 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
     assert len(got) == len(want) == 5
     for g, w in zip(got, want):
         assert (g["round"], g["sampled"], g["tensors_updated"]) == (
-            w["round"], w["sampled"], w["tensors_updated"])
+            w["round"],
+            w["sampled"],
+            w["tensors_updated"],
+        )
         for client, stats in w["clients"].items():
             assert g["clients"][client]["samples"] == stats["samples"]
             assert g["clients"][client]["loss"] == pytest.approx(stats["loss"], rel=1e-5)
@@ -69,11 +84,20 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
 
 
 def test_torchrun_matches_single_process(reference, tmp_path):
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=3",
-                "--master_addr=127.0.0.1", f"--master_port={free_port()}"]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=3",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+    ]
     assert_same_run(run(torchrun + TRAIN[1:], tmp_path / "run"), reference)
-    ranks = {c["rank"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-             for c in json.loads(line)["clients"].values()}
+    ranks = {
+        c["rank"]
+        for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+        for c in json.loads(line)["clients"].values()
+    }
     assert ranks == {0, 1, 2}
 
 
@@ -91,19 +115,71 @@ def test_mpiexec_matches_single_process(reference, tmp_path, backend):
 
 
 def test_srun_matches_single_process(reference, tmp_path, slurm_cluster):
-    srun = [venv_tool("srun"), "-n", "3", "--overcommit", "--kill-on-bad-exit=1",
-            "--time=10", sys.executable, *TRAIN]
+    srun = [
+        venv_tool("srun"),
+        "-n",
+        "3",
+        "--overcommit",
+        "--kill-on-bad-exit=1",
+        "--time=10",
+        sys.executable,
+        *TRAIN,
+    ]
     assert_same_run(run(srun, tmp_path / "run"), reference)
 
 
 def test_sbatch_template_runs_the_same_federation(reference, tmp_path, slurm_cluster):
     out = tmp_path / "job.out"
-    cmd = [venv_tool("sbatch"), "--wait", "--ntasks=3", "--overcommit", f"--output={out}",
-           str(ROOT / "slurm" / "tapdist.sbatch"), str(STANDIN_CONFIG)]
+    cmd = [
+        venv_tool("sbatch"),
+        "--wait",
+        "--ntasks=3",
+        "--overcommit",
+        f"--output={out}",
+        str(ROOT / "slurm" / "tapdist.sbatch"),
+        str(STANDIN_CONFIG),
+    ]
     env = dict(ENV, PYTHON=sys.executable)
-    result = subprocess.run([*cmd, "--run-dir", str(tmp_path / "run")], env=env, cwd=tmp_path,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [*cmd, "--run-dir", str(tmp_path / "run")],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     log = out.read_text() if out.exists() else ""
     assert result.returncode == 0, f"{result.stdout}\n{result.stderr}\n{log}"
     assert "done in" in log
     assert_same_run(tmp_path / "run", reference)
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "mpiexec"])
+def test_a_failing_rank_ends_the_job_quickly_and_says_why(tmp_path, launcher):
+    if launcher == "torchrun":
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=3",
+            "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}",
+            *TRAIN[1:],
+        ]
+    else:
+        if venv_tool("mpiexec") is None:
+            unavailable("mpiexec not found: pip install 'tapdist[mpi-wheel]'")
+        cmd = [venv_tool("mpiexec"), "-n", "3", sys.executable, *TRAIN]
+    env = dict(ENV, STANDIN_FAIL_CLIENT="5")  # client 5 lives on rank 2
+    result = subprocess.run(
+        [*cmd, "--run-dir", str(tmp_path / "run")],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "tapdist (rank 2): unexpected error" in result.stderr
+    assert "injected failure in client 5" in result.stderr
+    assert not (tmp_path / "run" / "final").exists()

@@ -3,14 +3,32 @@ import pytest
 from tapdist.dist import LaunchError, detect_launch, resolve_backend, resolve_device
 from tapdist.dist.launch import Launch, _expand_counts, slurm_port
 
-TORCHRUN = {"RANK": "2", "WORLD_SIZE": "4", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2",
-            "MASTER_ADDR": "node1", "MASTER_PORT": "29511"}
-SRUN = {"SLURM_PROCID": "1", "SLURM_NTASKS": "3", "SLURM_STEP_NUM_TASKS": "3",
-        "SLURM_LOCALID": "1", "SLURM_STEP_ID": "0", "SLURM_JOB_ID": "1234",
-        "SLURM_JOB_NODELIST": "vm", "SLURM_NODEID": "0", "SLURM_STEP_TASKS_PER_NODE": "3"}
+TORCHRUN = {
+    "RANK": "2",
+    "WORLD_SIZE": "4",
+    "LOCAL_RANK": "0",
+    "LOCAL_WORLD_SIZE": "2",
+    "MASTER_ADDR": "node1",
+    "MASTER_PORT": "29511",
+}
+SRUN = {
+    "SLURM_PROCID": "1",
+    "SLURM_NTASKS": "3",
+    "SLURM_STEP_NUM_TASKS": "3",
+    "SLURM_LOCALID": "1",
+    "SLURM_STEP_ID": "0",
+    "SLURM_JOB_ID": "1234",
+    "SLURM_JOB_NODELIST": "vm",
+    "SLURM_NODEID": "0",
+    "SLURM_STEP_TASKS_PER_NODE": "3",
+}
 MPICH = {"PMI_RANK": "2", "PMI_SIZE": "3", "MPI_LOCALRANKID": "2", "MPI_LOCALNRANKS": "3"}
-OPENMPI = {"OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_SIZE": "8",
-           "OMPI_COMM_WORLD_LOCAL_RANK": "1", "OMPI_COMM_WORLD_LOCAL_SIZE": "4"}
+OPENMPI = {
+    "OMPI_COMM_WORLD_RANK": "5",
+    "OMPI_COMM_WORLD_SIZE": "8",
+    "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+    "OMPI_COMM_WORLD_LOCAL_SIZE": "4",
+}
 
 
 def test_torchrun():
@@ -36,12 +54,18 @@ def test_srun_master_is_first_host_of_nodelist(monkeypatch):
 
         class Out:
             stdout = "gpu007\ngpu008\n"
+
         return Out()
 
     monkeypatch.setattr("tapdist.dist.launch.subprocess.run", fake_run)
-    env = dict(SRUN, SLURM_JOB_NODELIST="gpu[007-008]", SLURM_NODEID="1", SLURM_PROCID="2",
-               SLURM_LOCALID="0",
-               SLURM_STEP_TASKS_PER_NODE="2,1")
+    env = dict(
+        SRUN,
+        SLURM_JOB_NODELIST="gpu[007-008]",
+        SLURM_NODEID="1",
+        SLURM_PROCID="2",
+        SLURM_LOCALID="0",
+        SLURM_STEP_TASKS_PER_NODE="2,1",
+    )
     launch = detect_launch(env=env)
     assert calls == [["scontrol", "show", "hostnames", "gpu[007-008]"]]
     assert (launch.master_addr, launch.local_world_size) == ("gpu007", 1)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tapdist.dist import DistError, Launch, TorchContext
+from tapdist.dist import DistError, Launch, SingleProcessContext, TorchContext
 from tapdist.dist.launch import free_port
 from tapdist.fl.aggregate import FlatLayout, RoundBuffer, accumulate, all_reduce_round, finalize
 
@@ -16,14 +16,25 @@ pytestmark = pytest.mark.multiproc
 
 SHAPES = {"enc.weight": (5, 4), "shared.weight": (4, 4), "head.a": (3,), "head.b": (2, 2)}
 # (weight, names held) per client; client c is trained by rank c % world
-CLIENTS = [(40, ["enc.weight", "shared.weight", "head.a"]), (25, ["shared.weight", "head.b"]),
-           (13, ["enc.weight", "head.b"]), (7, ["head.a"]), (31, ["enc.weight"])]
+CLIENTS = [
+    (40, ["enc.weight", "shared.weight", "head.a"]),
+    (25, ["shared.weight", "head.b"]),
+    (13, ["enc.weight", "head.b"]),
+    (7, ["head.a"]),
+    (31, ["enc.weight"]),
+]
 
 
 def connect(rank: int, world: int, store: str, timeout_s: float = 30.0) -> TorchContext:
     launch = Launch("torchrun", rank, world, rank, world)
-    return TorchContext.create("gloo", launch, torch.device("cpu"), init_method=f"file://{store}",
-                               timeout_s=timeout_s, init_timeout_s=30.0)
+    return TorchContext.create(
+        "gloo",
+        launch,
+        torch.device("cpu"),
+        init_method=f"file://{store}",
+        timeout_s=timeout_s,
+        init_timeout_s=30.0,
+    )
 
 
 def upload(client: int) -> dict[str, torch.Tensor]:
@@ -63,18 +74,14 @@ def test_collectives_and_aggregation_agree_at_any_world_size(tmp_path, world):
     out = str(tmp_path / "result")
     mp.spawn(collectives_worker, args=(world, str(tmp_path / "store"), out), nprocs=world)
     results = [torch.load(f"{out}.{r}") for r in range(world)]
-    single = {"fp32": aggregate_on(_Local(), 1, 0, "fp32")}
+    single = {"fp32": aggregate_on(SingleProcessContext(), 1, 0, "fp32")}
     for result in results:  # every rank ends with the same state
         for name in SHAPES:
             assert torch.equal(result["fp32"][name], results[0]["fp32"][name])
             assert (result["fp32"][name] - single["fp32"][name]).abs().max() <= 1e-6
-            torch.testing.assert_close(result["bf16"][name], single["fp32"][name],
-                                       rtol=2e-2, atol=2e-2)
-
-
-class _Local:
-    def all_reduce(self, tensor, what):
-        pass
+            torch.testing.assert_close(
+                result["bf16"][name], single["fp32"][name], rtol=2e-2, atol=2e-2
+            )
 
 
 def timeout_worker(rank: int, world: int, store: str, out: str) -> None:
@@ -88,6 +95,7 @@ def timeout_worker(rank: int, world: int, store: str, out: str) -> None:
     except DistError as err:
         with open(out, "w") as f:
             f.write(f"{time.monotonic() - started:.1f}\n{err}")
+        ctx.abort(0)  # as `tapdist train` does: no teardown after a failed collective
 
 
 def test_collective_timeout_names_rank_phase_and_cause(tmp_path):
@@ -105,10 +113,15 @@ def test_failed_rendezvous_names_rank_phase_and_cause():
     launch = Launch("torchrun", 1, 2, 1, 2, "127.0.0.1", port)
     started = time.monotonic()
     with pytest.raises(DistError) as err:
-        TorchContext.create("gloo", launch, torch.device("cpu"),
-                            init_method=f"tcp://127.0.0.1:{port}", timeout_s=5,
-                            init_timeout_s=2)
+        TorchContext.create(
+            "gloo",
+            launch,
+            torch.device("cpu"),
+            init_method=f"tcp://127.0.0.1:{port}",
+            timeout_s=5,
+            init_timeout_s=2,
+        )
     assert time.monotonic() - started < 30
     message = str(err.value)
-    assert f"rank 1/2" in message and f"rendezvous at tcp://127.0.0.1:{port}" in message
+    assert "rank 1/2" in message and f"rendezvous at tcp://127.0.0.1:{port}" in message
     assert "Likely cause: not every rank started" in message

@@ -25,14 +25,21 @@ def test_balanced_placement_evens_out_samples():
     assert Topology(2, sizes, placement="balanced").host_of == topo.host_of  # deterministic
 
 
-@pytest.mark.parametrize("kwargs, words", [
-    (dict(world_size=4, client_sizes=(5, 5)), ["4 client-hosting ranks", "only 2 clients",
-                                               "allow_idle_ranks"]),
-    (dict(world_size=1, client_sizes=(5,), server_hosts_clients=False),
-     ["no rank can host clients", "server_hosts_clients=true"]),
-    (dict(world_size=2, client_sizes=(5, 0)), ["clients [1] have no training samples"]),
-    (dict(world_size=2, client_sizes=(5, 5), placement="random"), ["placement 'random'"]),
-])
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        (
+            dict(world_size=4, client_sizes=(5, 5)),
+            ["4 client-hosting ranks", "only 2 clients", "allow_idle_ranks"],
+        ),
+        (
+            dict(world_size=1, client_sizes=(5,), server_hosts_clients=False),
+            ["no rank can host clients", "server_hosts_clients=true"],
+        ),
+        (dict(world_size=2, client_sizes=(5, 0)), ["clients [1] have no training samples"]),
+        (dict(world_size=2, client_sizes=(5, 5), placement="random"), ["placement 'random'"]),
+    ],
+)
 def test_invalid_layouts(kwargs, words):
     with pytest.raises(TopologyError) as err:
         Topology(**kwargs)

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
 import socket
+import sys
 import time
 from abc import ABC, abstractmethod
 from typing import Any
@@ -69,6 +71,13 @@ class DistContext(ABC):
 
     def close(self) -> None:
         """Release the process group; the context is unusable afterwards."""
+
+    def abort(self, code: int = 1) -> None:
+        """End this process now, skipping teardown that could hang or abort after a failed
+        collective; the launcher (torchrun, srun --kill-on-bad-exit, mpirun) ends the rest."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
     def _fail(self, phase: str, started: float, err: BaseException | str, cause: str) -> DistError:
         waited = time.monotonic() - started
@@ -212,6 +221,8 @@ class MpiContext(DistContext):
 
     def abort(self, code: int = 1) -> None:
         """End every rank: the others would otherwise wait for this one until they time out."""
+        sys.stdout.flush()
+        sys.stderr.flush()
         self._comm.Abort(code)
 
 

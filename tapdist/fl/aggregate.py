@@ -76,11 +76,13 @@ class RoundBuffer:
     stats_shape: tuple[int, int]
 
     @classmethod
-    def zeros(cls, layout: FlatLayout, n_clients: int, n_stats: int,
-              device: torch.device | str = "cpu") -> RoundBuffer:
+    def zeros(
+        cls, layout: FlatLayout, n_clients: int, n_stats: int, device: torch.device | str = "cpu"
+    ) -> RoundBuffer:
         size = layout.numel + len(layout) + n_clients * n_stats
-        return cls(layout, torch.zeros(size, dtype=torch.float32, device=device),
-                   (n_clients, n_stats))
+        return cls(
+            layout, torch.zeros(size, dtype=torch.float32, device=device), (n_clients, n_stats)
+        )
 
     @property
     def values(self) -> torch.Tensor:
@@ -106,10 +108,13 @@ def accumulate(buf: RoundBuffer, state: State, weight: float) -> None:
     for name, tensor in state.items():
         i = layout.index(name)
         if tensor.shape != layout.shapes[i]:
-            raise ValueError(f"'{name}' has shape {tuple(tensor.shape)}; the union layout "
-                             f"expects {tuple(layout.shapes[i])}")
-        buf.values[layout.span(name)].add_(tensor.detach().reshape(-1).to(torch.float32),
-                                           alpha=weight)
+            raise ValueError(
+                f"'{name}' has shape {tuple(tensor.shape)}; the union layout "
+                f"expects {tuple(layout.shapes[i])}"
+            )
+        buf.values[layout.span(name)].add_(
+            tensor.detach().reshape(-1).to(torch.float32), alpha=weight
+        )
         buf.counts[i] += weight
 
 
@@ -133,17 +138,21 @@ def pack(layout: FlatLayout, state: State) -> torch.Tensor:
 
 def unpack(layout: FlatLayout, flat: torch.Tensor, like: State) -> dict[str, torch.Tensor]:
     """Inverse of :func:`pack`, in the dtypes of ``like``."""
-    return {n: flat[layout.span(n)].view(s).to(like[n].dtype).clone()
-            for n, s in zip(layout.names, layout.shapes)}
+    return {
+        n: flat[layout.span(n)].view(s).to(like[n].dtype).clone()
+        for n, s in zip(layout.names, layout.shapes)
+    }
 
 
 def all_reduce_round(ctx, buf: RoundBuffer, transport_dtype: str, what: str) -> int:
-    """Sum ``buf`` over all ranks; returns the bytes this rank put on the wire.
+    """Sum ``buf`` over all ranks; returns the bytes this rank put on the wire (0 alone).
 
     fp32: one all_reduce over ``flat``. bf16: the values travel as bf16 (the local sum stays
     fp32 until the cast) and counts and stats in a second, small fp32 all_reduce: counts are
     sums of sample counts, which bf16 cannot hold exactly.
     """
+    if not ctx.is_distributed:
+        return 0
     if transport_dtype == "fp32":
         ctx.all_reduce(buf.flat, what)
         return buf.flat.numel() * 4

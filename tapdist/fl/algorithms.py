@@ -34,8 +34,9 @@ class Algorithm(ABC):
         self.cfg, self.model = cfg, model
 
     @abstractmethod
-    def client_round(self, client: int, global_sub: State, round_index: int,
-                     generator: torch.Generator) -> ClientUpdate:
+    def client_round(
+        self, client: int, global_sub: State, round_index: int, generator: torch.Generator
+    ) -> ClientUpdate:
         """Run ``client``'s part of round ``round_index`` from its global sub-state."""
 
 
@@ -43,7 +44,8 @@ class Algorithm(ABC):
 class FedAvg(Algorithm):
     """Each sampled client trains its copy of the global sub-model and uploads it."""
 
-    def client_round(self, client: int, global_sub: State, round_index: int,
-                     generator: torch.Generator) -> ClientUpdate:
+    def client_round(
+        self, client: int, global_sub: State, round_index: int, generator: torch.Generator
+    ) -> ClientUpdate:
         state, metrics = self.model.local_train(client, global_sub, generator)
         return ClientUpdate(state, metrics)

@@ -39,8 +39,15 @@ _TRAIN_STREAM = 1  # derive_seed key separating training randomness from other u
 class RoundLoop:
     """Runs ``federation.rounds`` rounds of ``algorithm`` on ``model`` over ``ctx``'s ranks."""
 
-    def __init__(self, cfg: Config, ctx: DistContext, model: FederatedModel,
-                 algorithm: Algorithm, topology: Topology, metrics_path: Path | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        ctx: DistContext,
+        model: FederatedModel,
+        algorithm: Algorithm,
+        topology: Topology,
+        metrics_path: Path | None = None,
+    ):
         self.cfg, self.ctx, self.model, self.algorithm = cfg, ctx, model, algorithm
         self.topology = topology
         self.layout = FlatLayout.from_shapes(model.union_shapes())
@@ -83,8 +90,9 @@ class RoundLoop:
             if self.topology.host_of[client] == self.ctx.rank:
                 self._train(r, slot, client, state, buf)
         trained = time.perf_counter()
-        sent = all_reduce_round(self.ctx, buf, self.cfg.dist.transport_dtype,
-                                f"round {r} aggregation all_reduce")
+        sent = all_reduce_round(
+            self.ctx, buf, self.cfg.dist.transport_dtype, f"round {r} aggregation all_reduce"
+        )
         new_state = finalize(buf, state)
         done = time.perf_counter()
         record = self._record(r, sampled, buf, sent, (started, trained, done))
@@ -93,7 +101,8 @@ class RoundLoop:
     def _train(self, r: int, slot: int, client: int, state: State, buf: RoundBuffer) -> None:
         started = time.perf_counter()
         generator = torch.Generator().manual_seed(
-            derive_seed(self.cfg.run.seed, _TRAIN_STREAM, r, client))
+            derive_seed(self.cfg.run.seed, _TRAIN_STREAM, r, client)
+        )
         global_sub = {k: state[k].clone() for k in self.keys[client]}
         update = self.algorithm.client_round(client, global_sub, r, generator)
         if set(update.upload) != set(self.keys[client]):
@@ -103,14 +112,23 @@ class RoundLoop:
         values.append(time.perf_counter() - started)
         buf.stats[slot] = torch.tensor(values, dtype=torch.float32)
 
-    def _record(self, r: int, sampled: Sequence[int], buf: RoundBuffer, sent: int,
-                times: tuple[float, float, float]) -> dict:
+    def _record(
+        self,
+        r: int,
+        sampled: Sequence[int],
+        buf: RoundBuffer,
+        sent: int,
+        times: tuple[float, float, float],
+    ) -> dict:
         stats = buf.stats.cpu().tolist()
         clients, busy = {}, {}
         for client, row in zip(sampled, stats):
             rank = self.topology.host_of[client]
-            clients[str(client)] = {"rank": rank, "samples": self.sizes[client],
-                                    **dict(zip(self.stat_names, row))}
+            clients[str(client)] = {
+                "rank": rank,
+                "samples": self.sizes[client],
+                **dict(zip(self.stat_names, row)),
+            }
             busy[rank] = busy.get(rank, 0.0) + row[-1]
         started, trained, done = times
         return {
@@ -119,8 +137,12 @@ class RoundLoop:
             "clients": clients,
             "tensors_updated": int((buf.counts > 0).sum()),
             "bytes_sent_per_rank": sent,
-            "seconds": {"train_max_rank": max(busy.values()), "train_here": trained - started,
-                        "aggregate": done - trained, "round": done - started},
+            "seconds": {
+                "train_max_rank": max(busy.values()),
+                "train_here": trained - started,
+                "aggregate": done - trained,
+                "round": done - started,
+            },
         }
 
 
@@ -135,14 +157,15 @@ def _checked_keys(model: FederatedModel, layout: FlatLayout, client: int) -> tup
 def _key_mismatch(client: int, expected: Sequence[str], got: dict) -> str:
     missing = sorted(set(expected) - set(got))
     extra = sorted(set(got) - set(expected))
-    return (f"client {client} uploaded the wrong tensors: missing {missing}, "
-            f"unexpected {extra}")
+    return f"client {client} uploaded the wrong tensors: missing {missing}, unexpected {extra}"
 
 
 def _summary(record: dict, rounds: int) -> str:
     clients = record["clients"].values()
     loss = sum(c["loss"] * c["samples"] for c in clients) / sum(c["samples"] for c in clients)
     sec = record["seconds"]
-    return (f"round {record['round'] + 1}/{rounds}: clients {record['sampled']}, "
-            f"loss {loss:.4f}, {sec['round']:.2f}s (train {sec['train_here']:.2f}s, "
-            f"aggregate {sec['aggregate']:.3f}s, {record['bytes_sent_per_rank'] / 1e6:.2f} MB)")
+    return (
+        f"round {record['round'] + 1}/{rounds}: clients {record['sampled']}, "
+        f"loss {loss:.4f}, {sec['round']:.2f}s (train {sec['train_here']:.2f}s, "
+        f"aggregate {sec['aggregate']:.3f}s, {record['bytes_sent_per_rank'] / 1e6:.2f} MB)"
+    )

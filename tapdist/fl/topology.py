@@ -41,8 +41,9 @@ class Topology:
     @property
     def host_ranks(self) -> tuple[int, ...]:
         """Ranks that train clients, in order."""
-        return tuple(r for r in range(self.world_size)
-                     if r != self.server_rank or self.server_hosts_clients)
+        return tuple(
+            r for r in range(self.world_size) if r != self.server_rank or self.server_hosts_clients
+        )
 
     def is_server(self, rank: int) -> bool:
         return rank == self.server_rank
@@ -52,27 +53,35 @@ class Topology:
 
     def _validate(self) -> None:
         hosts = self.world_size - (0 if self.server_hosts_clients else 1)
-        facts = (f"world size {self.world_size}, {self.num_clients} clients, "
-                 f"server_hosts_clients={self.server_hosts_clients}")
+        facts = (
+            f"world size {self.world_size}, {self.num_clients} clients, "
+            f"server_hosts_clients={self.server_hosts_clients}"
+        )
         if self.world_size < 1:
             raise TopologyError(f"world size must be >= 1 ({facts})")
         if self.num_clients < 1:
             raise TopologyError(f"a federation needs at least one client ({facts})")
         if any(n < 1 for n in self.client_sizes):
             empty = [c for c, n in enumerate(self.client_sizes) if n < 1]
-            raise TopologyError(f"clients {empty} have no training samples; every client needs "
-                                "at least one (its weight in the average is its sample count)")
+            raise TopologyError(
+                f"clients {empty} have no training samples; every client needs "
+                "at least one (its weight in the average is its sample count)"
+            )
         if self.placement not in PLACEMENTS:
-            raise TopologyError(f"placement '{self.placement}' is unknown; accepted: "
-                                + ", ".join(PLACEMENTS))
+            raise TopologyError(
+                f"placement '{self.placement}' is unknown; accepted: " + ", ".join(PLACEMENTS)
+            )
         if hosts < 1:
-            raise TopologyError(f"no rank can host clients ({facts}): set "
-                                "dist.server_hosts_clients=true or start more ranks")
+            raise TopologyError(
+                f"no rank can host clients ({facts}): set "
+                "dist.server_hosts_clients=true or start more ranks"
+            )
         if hosts > self.num_clients and not self.allow_idle_ranks:
             raise TopologyError(
                 f"{hosts} client-hosting ranks but only {self.num_clients} clients ({facts}): "
                 f"start at most {self.num_clients + (0 if self.server_hosts_clients else 1)} "
-                "ranks, or set dist.allow_idle_ranks=true to keep the extra ranks idle")
+                "ranks, or set dist.allow_idle_ranks=true to keep the extra ranks idle"
+            )
 
     def _place(self) -> list[int]:
         hosts = self.host_ranks
@@ -104,4 +113,3 @@ def derive_seed(seed: int, *keys: int) -> int:
 
 
 _SAMPLE_STREAM = 0x5A3
-

@@ -40,8 +40,9 @@ class FederatedModel(Protocol):
     def initial_state(self) -> State:
         """The union model's initial trainable state (deterministic in the run seed)."""
 
-    def local_train(self, client: int, state: State, generator: torch.Generator
-                    ) -> tuple[State, dict[str, float]]:
+    def local_train(
+        self, client: int, state: State, generator: torch.Generator
+    ) -> tuple[State, dict[str, float]]:
         """Train ``client`` from ``state`` (its sub-state); return the new state and metrics.
 
         All randomness comes from ``generator``, which the loop seeds from (seed, round, client),
