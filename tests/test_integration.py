@@ -68,7 +68,7 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
         assert (ours[name] - theirs[name]).abs().max().item() <= 1e-5, name
     got = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     want = [json.loads(x) for x in (reference / "metrics.jsonl").read_text().splitlines()]
-    assert len(got) == len(want) == 5
+    assert len(got) == len(want) == 8
     for g, w in zip(got, want):
         assert (g["round"], g["sampled"], g["tensors_updated"]) == (
             w["round"],

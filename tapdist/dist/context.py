@@ -170,8 +170,9 @@ def _make_store(init_method: str, launch: Launch, timeout_s: float) -> Any:
         return dist.FileStore(init_method.removeprefix("file://"), launch.world_size)
     if init_method.startswith("tcp://"):
         host, _, port = init_method.removeprefix("tcp://").rpartition(":")
-        return dist.TCPStore(host, int(port), launch.world_size, launch.rank == 0,
-                             timeout=timeout, wait_for_workers=True)
+        # Under torchrun the agent already serves a store at MASTER_PORT; every rank joins it.
+        serve = launch.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+        return dist.TCPStore(host, int(port), launch.world_size, serve, timeout=timeout)
     raise DistError(f"init method {init_method!r} must start with tcp:// or file://")
 
 

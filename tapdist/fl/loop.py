@@ -167,5 +167,12 @@ def _summary(record: dict, rounds: int) -> str:
     return (
         f"round {record['round'] + 1}/{rounds}: clients {record['sampled']}, "
         f"loss {loss:.4f}, {sec['round']:.2f}s (train {sec['train_here']:.2f}s, "
-        f"aggregate {sec['aggregate']:.3f}s, {record['bytes_sent_per_rank'] / 1e6:.2f} MB)"
+        f"aggregate {sec['aggregate']:.3f}s, sent {_size(record['bytes_sent_per_rank'])})"
     )
+
+
+def _size(nbytes: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if nbytes < 1000 or unit == "GB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1000
