@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from tapdist import __version__
 from tapdist.config import describe, dump_config, load_config
 
 
@@ -30,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
             "multi-task foundation models."
         ),
     )
+    parser.add_argument("--version", action="version", version=f"tapdist {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="run a federation (under any launcher)")
