@@ -88,9 +88,9 @@ def _config(args: argparse.Namespace) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
-    import tapdist.fl.algorithms  # noqa: F401
-    from tapdist.registry import ALGORITHMS, MODELS, load_plugins
+    from tapdist.registry import ALGORITHMS, MODELS, load_builtins, load_plugins
 
+    load_builtins()
     load_plugins(args.plugin, Path.cwd())
     print("models:     " + (", ".join(MODELS.names()) or "none"))
     print("algorithms: " + ", ".join(ALGORITHMS.names()))

@@ -31,9 +31,11 @@ def option(
     choices: tuple | None = None,
     min: float | None = None,
     max: float | None = None,
+    items: type = str,
 ) -> Any:
-    """Declare a config key: its default, help text and accepted values."""
-    meta = {"help": help, "choices": choices, "min": min, "max": max}
+    """Declare a config key: its default, help text and accepted values (``items``: the type
+    of a list's elements)."""
+    meta = {"help": help, "choices": choices, "min": min, "max": max, "items": items}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -59,9 +61,36 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
-    """Which model the federation trains."""
+    """Which model the federation trains; for TAP, its backbone and gated-transformer sizes."""
 
     name: str = option("tap", "registered model name (see `tapdist models`)")
+    backbone: str = option("flava", "frozen backbone architecture", choices=("flava", "vilt"))
+    size: str = option(
+        "full",
+        "backbone size when built from its config (random init); tiny "
+        "is hidden 32, 2 layers, for tests",
+        choices=("full", "tiny"),
+    )
+    pretrained: str = option(
+        "",
+        "local directory with pretrained backbone weights "
+        "(from_pretrained); empty builds from the config instead",
+    )
+    layers_per_block: int = option(1, "backbone layers per MoTE and per MoME block", min=1)
+    paths: list = option(
+        ["shared_shared", "shared_task", "mod_task", "mod_shared"],
+        "paths through the gated transformer that run",
+    )
+    encoder_lora_rank: int = option(8, "LoRA rank on the encoders (0: none)", min=0)
+    encoder_lora_alpha: float = option(16.0, "LoRA alpha on the encoders", min=0.0)
+    expert_lora_rank: int = option(4, "LoRA rank of MoTE/MoME experts", min=1)
+    expert_lora_alpha: float = option(8.0, "LoRA alpha of MoTE/MoME experts", min=0.0)
+    attention_lora_rank: int = option(16, "LoRA rank on block attention q and v", min=1)
+    attention_lora_alpha: float = option(32.0, "LoRA alpha on block attention q and v", min=0.0)
+    mode_lora_rank: int = option(4, "LoRA rank of MoDE domain experts", min=1)
+    mode_lora_alpha: float = option(8.0, "LoRA alpha of MoDE domain experts", min=0.0)
+    lora_dropout: float = option(0.3, "dropout on every LoRA input", min=0.0, max=1.0)
+    answer_len: int = option(8, "answer positions a text-generation head predicts", min=1)
 
 
 @dataclass
@@ -90,7 +119,20 @@ class TapConfig:
 
 @dataclass
 class DataConfig:
-    """Where client data comes from (filled in with the data pipeline)."""
+    """The federation's tasks and clients, and where their samples come from."""
+
+    source: str = option(
+        "synthetic",
+        "sample source; synthetic generates learnable random samples per task",
+        choices=("synthetic",),
+    )
+    tasks: list = option(
+        [], "tasks: mappings with name, kind, modalities, domains, classes", items=dict
+    )
+    clients: list = option(
+        [], "clients: mappings with tasks (names) and samples (per task)", items=dict
+    )
+    text_len: int = option(16, "tokens per text input", min=2)
 
 
 @dataclass
@@ -111,7 +153,10 @@ class DistConfig:
         "auto", "compute device; auto = cuda if available", choices=("auto", "cpu", "cuda")
     )
     transport_dtype: str = option(
-        "fp32", "dtype of the aggregated values on the wire", choices=("fp32", "bf16")
+        "fp64",
+        "dtype of the aggregated values on the wire; fp64 makes results independent of the "
+        "world size, fp32 and bf16 send 1/2 and 1/4 of the bytes",
+        choices=("fp64", "fp32", "bf16"),
     )
     timeout_s: float = option(600.0, "seconds a collective may wait for the other ranks", min=1.0)
     init_timeout_s: float = option(120.0, "seconds the rendezvous may take", min=1.0)
@@ -154,7 +199,7 @@ class Config:
         if self.dist.transport_dtype == "bf16" and self.dist.backend == "mpi":
             raise ConfigError(
                 "dist.transport_dtype = bf16 is not available with dist.backend = mpi "
-                "(MPI has no bfloat16 sum); accepted: fp32 with mpi, or bf16 with gloo/nccl"
+                "(MPI has no bfloat16 sum); accepted: fp64 or fp32 with mpi, or bf16 with gloo/nccl"
             )
 
     @property
@@ -297,7 +342,7 @@ def _check(section: str, f: dataclasses.Field, value: Any) -> Any:
         int: lambda v: isinstance(v, int) and not isinstance(v, bool),
         float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
         str: lambda v: isinstance(v, str),
-        list: lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+        list: lambda v: isinstance(v, list) and all(isinstance(x, f.metadata["items"]) for x in v),
     }[kind](value)
     meta = f.metadata
     in_range = ok and (
@@ -321,7 +366,7 @@ def _accepted(f: dataclasses.Field) -> str:
         int: "an integer",
         float: "a number",
         str: "a string",
-        list: "a list of strings",
+        list: "a list of strings" if meta["items"] is str else "a list of mappings",
     }[kind]
     if meta["min"] is not None and meta["max"] is not None:
         return f"{noun} in [{meta['min']}, {meta['max']}]"

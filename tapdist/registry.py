@@ -55,6 +55,12 @@ MODELS = Registry("model")
 ALGORITHMS = Registry("algorithm")
 
 
+def load_builtins() -> None:
+    """Register the built-in models and algorithms (imported here, not at package import)."""
+    import tapdist.fl.algorithms  # noqa: F401
+    import tapdist.models.federated  # noqa: F401
+
+
 def load_plugins(specs: Iterable[str], base_dir: Path | None = None) -> None:
     """Import each plugin: a module name, or a ``.py`` path (relative to ``base_dir``)."""
     for spec in specs:

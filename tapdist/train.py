@@ -6,7 +6,6 @@ import logging
 import time
 from pathlib import Path
 
-import tapdist.fl.algorithms  # noqa: F401  (registers the built-in algorithms)
 from tapdist.checkpoint import save_state, write_text
 from tapdist.config import Config, ConfigError, dump_config
 from tapdist.dist import DistContext, init_context
@@ -14,13 +13,14 @@ from tapdist.errors import exit_code, report
 from tapdist.fl.loop import RoundLoop
 from tapdist.fl.topology import Topology
 from tapdist.logs import setup_logging
-from tapdist.registry import ALGORITHMS, MODELS, load_plugins
+from tapdist.registry import ALGORITHMS, MODELS, load_builtins, load_plugins
 
 log = logging.getLogger(__name__)
 
 
 def train(cfg: Config, run_dir: Path) -> None:
     """Join the other ranks, run every round, and write the run folder (server only)."""
+    load_builtins()
     load_plugins(cfg.run.plugins, Path(cfg.source).parent if cfg.source else None)
     ctx = init_context(cfg.dist)
     try:

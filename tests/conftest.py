@@ -1,4 +1,4 @@
-"""Shared test setup: offline hub, the stand-in model, and launcher availability."""
+"""Shared test setup: offline hub, the smoke federation, and launcher availability."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
-STANDIN_CONFIG = TESTS / "configs" / "standin.yaml"
+SMOKE_CONFIG = ROOT / "configs" / "smoke.yaml"
+FAILING_PLUGIN = TESTS / "plugins" / "failing.py"
 # CI sets this so that a missing launcher (mpiexec, srun) fails the suite instead of skipping.
 REQUIRE_LAUNCHERS = os.environ.get("TAPDIST_REQUIRE_LAUNCHERS") == "1"
 
@@ -34,5 +35,5 @@ def venv_tool(name: str) -> str | None:
 
 
 @pytest.fixture
-def standin_config() -> Path:
-    return STANDIN_CONFIG
+def smoke_config() -> Path:
+    return SMOKE_CONFIG

@@ -10,7 +10,14 @@ import torch.multiprocessing as mp
 
 from tapdist.dist import DistError, Launch, SingleProcessContext, TorchContext
 from tapdist.dist.launch import free_port
-from tapdist.fl.aggregate import FlatLayout, RoundBuffer, accumulate, all_reduce_round, finalize
+from tapdist.fl.aggregate import (
+    FlatLayout,
+    RoundBuffer,
+    accumulate,
+    accumulation_dtype,
+    all_reduce_round,
+    finalize,
+)
 
 pytestmark = pytest.mark.multiproc
 
@@ -45,7 +52,7 @@ def upload(client: int) -> dict[str, torch.Tensor]:
 def aggregate_on(ctx, world: int, rank: int, dtype: str = "fp32") -> dict[str, torch.Tensor]:
     layout = FlatLayout.from_shapes(SHAPES)
     old = {n: torch.full(s, -1.0) for n, s in SHAPES.items()}
-    buf = RoundBuffer.zeros(layout, len(CLIENTS), 1)
+    buf = RoundBuffer.zeros(layout, len(CLIENTS), 1, dtype=accumulation_dtype(dtype))
     for client, (weight, _) in enumerate(CLIENTS):
         if client % world == rank:
             accumulate(buf, upload(client), weight)
@@ -64,7 +71,7 @@ def collectives_worker(rank: int, world: int, store: str, out: str) -> None:
     ctx.broadcast(b, src=world - 1, what="bcast")
     assert b.tolist() == [world - 1.0] * 2
     ctx.barrier("barrier")
-    result = {dtype: aggregate_on(ctx, world, rank, dtype) for dtype in ("fp32", "bf16")}
+    result = {dtype: aggregate_on(ctx, world, rank, dtype) for dtype in ("fp64", "fp32", "bf16")}
     torch.save(result, f"{out}.{rank}")
     ctx.close()
 
@@ -74,11 +81,12 @@ def test_collectives_and_aggregation_agree_at_any_world_size(tmp_path, world):
     out = str(tmp_path / "result")
     mp.spawn(collectives_worker, args=(world, str(tmp_path / "store"), out), nprocs=world)
     results = [torch.load(f"{out}.{r}") for r in range(world)]
-    single = {"fp32": aggregate_on(SingleProcessContext(), 1, 0, "fp32")}
+    single = {d: aggregate_on(SingleProcessContext(), 1, 0, d) for d in ("fp64", "fp32")}
     for result in results:  # every rank ends with the same state
         for name in SHAPES:
             assert torch.equal(result["fp32"][name], results[0]["fp32"][name])
             assert (result["fp32"][name] - single["fp32"][name]).abs().max() <= 1e-6
+            assert torch.equal(result["fp64"][name], single["fp64"][name])  # exact
             torch.testing.assert_close(
                 result["bf16"][name], single["fp32"][name], rtol=2e-2, atol=2e-2
             )

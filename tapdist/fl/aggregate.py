@@ -67,22 +67,26 @@ class FlatLayout:
 class RoundBuffer:
     """What one rank contributes to a round: weighted values, weights, and client statistics.
 
-    All three live in one contiguous ``flat`` tensor so a round needs one all_reduce; with a bf16
-    transport the values are a separate bf16 buffer (``wire``) and counts and statistics stay fp32.
+    All three live in one contiguous ``flat`` tensor (fp64 or fp32, the accumulation dtype) so a
+    round needs one all_reduce; with a bf16 transport the values travel as a separate bf16
+    buffer and counts and statistics in the accumulation dtype.
     """
 
     layout: FlatLayout
-    flat: torch.Tensor  # fp32: [values | counts | stats]
+    flat: torch.Tensor  # [values | counts | stats]
     stats_shape: tuple[int, int]
 
     @classmethod
     def zeros(
-        cls, layout: FlatLayout, n_clients: int, n_stats: int, device: torch.device | str = "cpu"
+        cls,
+        layout: FlatLayout,
+        n_clients: int,
+        n_stats: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
     ) -> RoundBuffer:
         size = layout.numel + len(layout) + n_clients * n_stats
-        return cls(
-            layout, torch.zeros(size, dtype=torch.float32, device=device), (n_clients, n_stats)
-        )
+        return cls(layout, torch.zeros(size, dtype=dtype, device=device), (n_clients, n_stats))
 
     @property
     def values(self) -> torch.Tensor:
@@ -98,7 +102,7 @@ class RoundBuffer:
 
     @property
     def tail(self) -> torch.Tensor:
-        """Counts and stats: the part that stays fp32 under a bf16 transport."""
+        """Counts and stats: the part that keeps the accumulation dtype under a bf16 transport."""
         return self.flat[self.layout.numel :]
 
 
@@ -113,7 +117,7 @@ def accumulate(buf: RoundBuffer, state: State, weight: float) -> None:
                 f"expects {tuple(layout.shapes[i])}"
             )
         buf.values[layout.span(name)].add_(
-            tensor.detach().reshape(-1).to(torch.float32), alpha=weight
+            tensor.detach().reshape(-1).to(buf.flat.dtype), alpha=weight
         )
         buf.counts[i] += weight
 
@@ -144,20 +148,28 @@ def unpack(layout: FlatLayout, flat: torch.Tensor, like: State) -> dict[str, tor
     }
 
 
+def accumulation_dtype(transport_dtype: str) -> torch.dtype:
+    """fp64 accumulates and travels in float64; fp32 and bf16 accumulate in float32."""
+    return torch.float64 if transport_dtype == "fp64" else torch.float32
+
+
 def all_reduce_round(ctx, buf: RoundBuffer, transport_dtype: str, what: str) -> int:
     """Sum ``buf`` over all ranks; returns the bytes this rank put on the wire (0 alone).
 
-    fp32: one all_reduce over ``flat``. bf16: the values travel as bf16 (the local sum stays
-    fp32 until the cast) and counts and stats in a second, small fp32 all_reduce: counts are
-    sums of sample counts, which bf16 cannot hold exactly.
+    fp64 and fp32: one all_reduce over ``flat``. In fp64 every ``samples x value`` product of an
+    fp32 tensor is exact and sums of a few of them are too, so the average does not depend on
+    how clients are spread over ranks: any world size gives the same bits. fp32 halves the bytes;
+    the sum order then changes the last bit. bf16: the values travel as bf16 (the local sum stays
+    fp32 until the cast) and counts and stats in a second, small fp32 all_reduce: counts are sums
+    of sample counts, which bf16 cannot hold exactly.
     """
     if not ctx.is_distributed:
         return 0
-    if transport_dtype == "fp32":
+    if transport_dtype in ("fp64", "fp32"):
         ctx.all_reduce(buf.flat, what)
-        return buf.flat.numel() * 4
+        return buf.flat.numel() * buf.flat.element_size()
     wire = buf.values.to(torch.bfloat16)
     ctx.all_reduce(wire, what + " (bf16 values)")
     ctx.all_reduce(buf.tail, what + " (counts)")
     buf.values.copy_(wire)
-    return wire.numel() * 2 + buf.tail.numel() * 4
+    return wire.numel() * 2 + buf.tail.numel() * buf.tail.element_size()

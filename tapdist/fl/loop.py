@@ -22,6 +22,7 @@ from tapdist.fl.aggregate import (
     FlatLayout,
     RoundBuffer,
     accumulate,
+    accumulation_dtype,
     all_reduce_round,
     finalize,
     pack,
@@ -85,7 +86,13 @@ class RoundLoop:
         started = time.perf_counter()
         fed = self.cfg.federation
         sampled = sample_clients(self.cfg.run.seed, r, len(self.sizes), fed.clients_per_round)
-        buf = RoundBuffer.zeros(self.layout, len(sampled), len(self.stat_names), self.ctx.device)
+        buf = RoundBuffer.zeros(
+            self.layout,
+            len(sampled),
+            len(self.stat_names),
+            self.ctx.device,
+            accumulation_dtype(self.cfg.dist.transport_dtype),
+        )
         for slot, client in enumerate(sampled):
             if self.topology.host_of[client] == self.ctx.rank:
                 self._train(r, slot, client, state, buf)
@@ -110,7 +117,7 @@ class RoundLoop:
         accumulate(buf, update.upload, weight=float(self.sizes[client]))
         values = [float(update.metrics[n]) for n in self.algorithm.metric_names]
         values.append(time.perf_counter() - started)
-        buf.stats[slot] = torch.tensor(values, dtype=torch.float32)
+        buf.stats[slot] = torch.tensor(values, dtype=buf.flat.dtype)
 
     def _record(
         self,

@@ -1,0 +1,212 @@
+"""The frozen backbone, loaded once per process: FLAVA or ViLT, from a local directory or a config.
+
+:func:`load_backbone` returns the pieces TAP builds on: one frozen encoder per modality and the
+backbone layers the gated transformer takes its attention and FFN bases from. Everything here is
+frozen; LoRA is added by the caller.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tapdist.models.layers import LayerBase, LoraSpec
+
+BACKBONES = ("flava", "vilt")
+SIZES = ("tiny", "full")
+# Tiny: a configuration of the real architecture small enough for tests (hidden 32, 2 layers).
+_TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+
+
+@dataclass
+class Backbone:
+    """Frozen parts of a loaded backbone."""
+
+    kind: str
+    image_encoder: nn.Module  # pixels (B, 3, R, R) -> tokens (B, N, image_dim)
+    text_encoder: nn.Module  # (ids (B, T), mask (B, T)) -> tokens (B, T, text_dim)
+    layers: nn.ModuleList  # backbone layers the gated transformer is built from
+    bases: list[LayerBase]  # frozen views of ``layers``
+    image_dim: int
+    text_dim: int
+    hidden: int
+    heads: int
+    resolution: int  # input resolution of the image encoder
+    vocab_size: int
+    max_text_len: int
+
+
+def load_backbone(
+    kind: str, size: str = "tiny", pretrained: str = "", encoder_lora: LoraSpec | None = None
+) -> Backbone:
+    """Build (``size``) or load (``pretrained`` directory) a backbone; every weight frozen."""
+    if kind not in BACKBONES:
+        raise ValueError(f"backbone '{kind}' is unknown; accepted: {', '.join(BACKBONES)}")
+    builder = _flava if kind == "flava" else _vilt
+    backbone = builder(size, pretrained, encoder_lora)
+    for module in (backbone.image_encoder, backbone.text_encoder, backbone.layers):
+        for name, param in module.named_parameters():
+            param.requires_grad_("lora_" in name)
+    return backbone
+
+
+def _flava(size: str, pretrained: str, lora: LoraSpec | None) -> Backbone:
+    from transformers import FlavaConfig, FlavaModel
+
+    if pretrained:
+        model = FlavaModel.from_pretrained(pretrained)
+    elif size == "tiny":
+        model = FlavaModel(
+            FlavaConfig(
+                image_config=dict(_TINY, image_size=32, patch_size=8),
+                text_config=dict(_TINY, vocab_size=1000, max_position_embeddings=64),
+                multimodal_config=_TINY,
+                hidden_size=32,
+                projection_dim=32,
+            )
+        )
+    else:
+        model = FlavaModel(FlavaConfig())
+    cfg = model.config
+    image, text = model.image_model, model.text_model
+    if lora is not None and lora.rank > 0:
+        _inject_qv_lora(image, lora)
+        _inject_qv_lora(text, lora)
+    layers = model.multimodal_model.encoder.layer
+    return Backbone(
+        "flava",
+        _FlavaImage(image),
+        _FlavaText(text),
+        layers,
+        [_hf_layer_base(layer, cfg.multimodal_config) for layer in layers],
+        cfg.image_config.hidden_size,
+        cfg.text_config.hidden_size,
+        cfg.multimodal_config.hidden_size,
+        cfg.multimodal_config.num_attention_heads,
+        cfg.image_config.image_size,
+        cfg.text_config.vocab_size,
+        cfg.text_config.max_position_embeddings,
+    )
+
+
+def _vilt(size: str, pretrained: str, lora: LoraSpec | None) -> Backbone:
+    from transformers import ViltConfig, ViltModel
+
+    if pretrained:
+        model = ViltModel.from_pretrained(pretrained)
+    elif size == "tiny":
+        model = ViltModel(
+            ViltConfig(
+                **_TINY, image_size=32, patch_size=8, vocab_size=1000, max_position_embeddings=40
+            )
+        )
+    else:
+        model = ViltModel(ViltConfig())
+    cfg = model.config
+    layers = model.encoder.layer
+    # ViLT's towers are its embeddings: 224-pixel inputs give 7 x 7 patches of 32 (TAP's setting)
+    resolution = 224 if size == "full" or pretrained else cfg.image_size
+    image = _ViltImage(model.embeddings, cfg.patch_size, resolution, lora)
+    return Backbone(
+        "vilt",
+        image,
+        _ViltText(model.embeddings.text_embeddings),
+        layers,
+        [_hf_layer_base(layer, cfg) for layer in layers],
+        cfg.hidden_size,
+        cfg.hidden_size,
+        cfg.hidden_size,
+        cfg.num_attention_heads,
+        resolution,
+        cfg.vocab_size,
+        cfg.max_position_embeddings,
+    )
+
+
+def _inject_qv_lora(tower: nn.Module, lora: LoraSpec) -> None:
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=["query", "value"],
+    )
+    inject_adapter_in_model(config, tower)
+
+
+def _hf_layer_base(layer: nn.Module, cfg) -> LayerBase:
+    """FLAVA and ViLT layers share BERT/ViT naming: attention.attention.{query,key,value}."""
+    attn = layer.attention
+    return LayerBase(
+        layer.layernorm_before,
+        attn.attention.query,
+        attn.attention.key,
+        attn.attention.value,
+        attn.output.dense,
+        layer.layernorm_after,
+        layer.intermediate.dense,
+        layer.output.dense,
+        layer.intermediate.intermediate_act_fn,
+        cfg.num_attention_heads,
+    )
+
+
+class _FlavaImage(nn.Module):
+    def __init__(self, tower: nn.Module):
+        super().__init__()
+        self.tower = tower
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return _hidden(self.tower(pixel_values=pixels))
+
+
+class _FlavaText(nn.Module):
+    def __init__(self, tower: nn.Module):
+        super().__init__()
+        self.tower = tower
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return _hidden(self.tower(input_ids=ids, attention_mask=mask))
+
+
+def _hidden(output) -> torch.Tensor:
+    # transformers 4 and 5 both return an output object here; older code paths return tuples
+    return output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+
+class _ViltImage(nn.Module):
+    """ViLT's patch projection and position embeddings; LoRA on the projection (as a linear map
+    of flattened patches, which is what a stride-P, kernel-P convolution is)."""
+
+    def __init__(self, embeddings: nn.Module, patch: int, resolution: int, lora: LoraSpec | None):
+        super().__init__()
+        self.patch = patch
+        self.proj = embeddings.patch_embeddings.projection
+        grid = resolution // patch
+        pos = embeddings.position_embeddings.detach()[:, 1:]  # drop the CLS position
+        side = int(pos.shape[1] ** 0.5)
+        pos = pos.transpose(1, 2).reshape(1, -1, side, side)
+        pos = F.interpolate(pos, size=(grid, grid), mode="bilinear", align_corners=True)
+        self.register_buffer("pos", pos.flatten(2).transpose(1, 2).contiguous(), persistent=False)
+        d_in = 3 * patch * patch
+        self.lora = lora.make(d_in, self.proj.out_channels) if lora is not None else None
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        tokens = self.proj(pixels).flatten(2).transpose(1, 2)
+        if self.lora is not None:
+            patches = F.unfold(pixels, self.patch, stride=self.patch).transpose(1, 2)
+            tokens = tokens + self.lora(patches)
+        return tokens + self.pos
+
+
+class _ViltText(nn.Module):
+    def __init__(self, embeddings: nn.Module):
+        super().__init__()
+        self.embeddings = embeddings
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.embeddings(input_ids=ids, token_type_ids=torch.zeros_like(ids))

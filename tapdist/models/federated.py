@@ -1,0 +1,93 @@
+"""The TAP model and its federation, as the round loop sees them (registered as ``tap``)."""
+
+from __future__ import annotations
+
+import torch
+
+from tapdist.config import Config
+from tapdist.data.spec import parse_clients, parse_tasks
+from tapdist.data.synthetic import make_task_data
+from tapdist.local import train_locally
+from tapdist.models.backbone import load_backbone
+from tapdist.models.base import ClientInfo
+from tapdist.models.layers import LoraSpec
+from tapdist.models.tap import PATHS, TapModel, TapSettings
+from tapdist.registry import MODELS
+
+
+def settings_from(cfg: Config) -> TapSettings:
+    m = cfg.model
+    bad = [p for p in m.paths if p not in PATHS]
+    if bad or not m.paths:
+        from tapdist.config import ConfigError
+
+        raise ConfigError(f"model.paths = {m.paths}: a non-empty subset of {', '.join(PATHS)}")
+    return TapSettings(
+        layers_per_block=m.layers_per_block,
+        paths=tuple(m.paths),
+        encoder_lora=LoraSpec(m.encoder_lora_rank, m.encoder_lora_alpha, m.lora_dropout),
+        expert_lora=LoraSpec(m.expert_lora_rank, m.expert_lora_alpha, m.lora_dropout),
+        attention_lora=LoraSpec(m.attention_lora_rank, m.attention_lora_alpha, m.lora_dropout),
+        mode_lora=LoraSpec(m.mode_lora_rank, m.mode_lora_alpha, m.lora_dropout),
+        answer_len=m.answer_len,
+    )
+
+
+def build_union_model(cfg: Config, device: torch.device | str = "cpu") -> TapModel:
+    """The union (server) model of ``cfg``'s tasks, initialised from ``run.seed``."""
+    settings = settings_from(cfg)
+    torch.manual_seed(cfg.run.seed)
+    backbone = load_backbone(
+        cfg.model.backbone, cfg.model.size, cfg.model.pretrained, settings.encoder_lora
+    )
+    return TapModel(backbone, parse_tasks(cfg.data), settings).to(device)
+
+
+class TapFederation:
+    """One resident union model; each client is a list of tensor names and its data."""
+
+    def __init__(self, cfg: Config, device: torch.device):
+        self.cfg = cfg
+        self.model = build_union_model(cfg, device)
+        tasks = list(self.model.tasks.values())
+        self.specs = parse_clients(cfg.data, tasks)
+        self._initial = self.model.get_state()
+        self._keys = [self.model.client_names(c.tasks) for c in self.specs]
+        vocab = self.model.heads_vocab()
+        self._data = [
+            {
+                t: make_task_data(
+                    self.model.tasks[t],
+                    c.samples,
+                    cfg.data.text_len,
+                    vocab,
+                    cfg.model.answer_len,
+                    self.model.domains,
+                    (cfg.run.seed, c.id, i),
+                )
+                for i, t in enumerate(c.tasks)
+            }
+            for c in self.specs
+        ]
+
+    def clients(self) -> list[ClientInfo]:
+        return [ClientInfo(c.id, c.samples * len(c.tasks), "+".join(c.tasks)) for c in self.specs]
+
+    def union_shapes(self) -> dict[str, torch.Size]:
+        return {n: t.shape for n, t in self._initial.items()}
+
+    def client_keys(self, client: int) -> list[str]:
+        return self._keys[client]
+
+    def initial_state(self) -> dict[str, torch.Tensor]:
+        return {n: t.clone() for n, t in self._initial.items()}
+
+    def local_train(self, client: int, state, generator: torch.Generator):
+        return train_locally(
+            self.model, self._keys[client], state, self._data[client], self.cfg.train, generator
+        )
+
+
+@MODELS.register("tap")
+def build(cfg: Config, device: torch.device) -> TapFederation:
+    return TapFederation(cfg, device)

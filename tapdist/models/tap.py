@@ -1,0 +1,315 @@
+"""The TAP model: per-modality encoders, a gated transformer of MoTE/MoME/MoDE experts, and
+task heads, all on one frozen backbone.
+
+One instance is the union (server) model: it holds every component any task of the federation
+uses. A client model is the subset of its trainable tensors that the client's tasks use, and the
+same resident module runs any client once that client's state is loaded into it
+(:meth:`TapModel.load_state`). Which tensors a task uses is computed from the structure
+(:meth:`TapModel.component_names`), never traced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tapdist.models.backbone import Backbone
+from tapdist.models.heads import (
+    ClassificationHead,
+    ImageGenerationHead,
+    TextGenerationHead,
+)
+from tapdist.models.layers import Expert, GatedLayer, LoraSpec
+
+MODALITIES = ("image", "text")
+TASK_KINDS = ("image_cls", "text_cls", "image_gen", "text_gen")
+SHARED = "shared"
+PATHS = ("shared_shared", "shared_task", "mod_task", "mod_shared")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One modality-task pair a client trains: a dataset with its kind, inputs and domains."""
+
+    name: str
+    kind: str  # one of TASK_KINDS
+    modalities: tuple[str, ...]
+    domains: tuple[str, ...]
+    classes: int = 0  # classification only
+
+    def __post_init__(self) -> None:
+        if self.kind not in TASK_KINDS:
+            raise ValueError(
+                f"task '{self.name}': kind '{self.kind}' is unknown; accepted: "
+                + ", ".join(TASK_KINDS)
+            )
+        bad = [m for m in self.modalities if m not in MODALITIES]
+        if bad or not self.modalities:
+            raise ValueError(
+                f"task '{self.name}': modalities {list(self.modalities)} must be a "
+                f"non-empty subset of {', '.join(MODALITIES)}"
+            )
+        if not self.domains:
+            raise ValueError(f"task '{self.name}' needs at least one domain")
+        if self.kind.endswith("_cls") and self.classes < 2:
+            raise ValueError(f"task '{self.name}' is a classification task: set classes >= 2")
+
+
+@dataclass(frozen=True)
+class TapSettings:
+    """Architecture settings of the gated transformer (from the model config section)."""
+
+    layers_per_block: int = 1
+    paths: tuple[str, ...] = PATHS
+    encoder_lora: LoraSpec = LoraSpec(8, 16, 0.3)
+    expert_lora: LoraSpec = LoraSpec(4, 8, 0.3)
+    attention_lora: LoraSpec = LoraSpec(16, 32, 0.3)
+    mode_lora: LoraSpec = LoraSpec(4, 8, 0.3)
+    answer_len: int = 8
+
+
+@dataclass(frozen=True)
+class Route:
+    """One of the four paths for input modality ``m`` of a task of kind ``t``."""
+
+    path: str
+    shared_input: bool
+    mote_block: str
+    mote_expert: tuple[str, str]  # (m', t')
+    mome_block: str
+    mome_expert: tuple[str, str]  # (t', m')
+
+
+def routes(kind: str, modality: str, paths: Iterable[str] = PATHS) -> list[Route]:
+    m, t, s = modality, kind, SHARED
+    table = {
+        "shared_shared": Route("shared_shared", True, s, (s, s), s, (s, s)),
+        "shared_task": Route("shared_task", True, m, (s, t), t, (t, s)),
+        "mod_task": Route("mod_task", False, m, (m, t), t, (t, m)),
+        "mod_shared": Route("mod_shared", False, m, (m, s), s, (s, m)),
+    }
+    return [table[p] for p in paths]
+
+
+class Block(nn.Module):
+    """A MoTE or MoME block: ``layers_per_block`` gated layers; experts chosen per path."""
+
+    def __init__(self, bases, domains, settings: TapSettings):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            GatedLayer(b, domains, settings.attention_lora, settings.mode_lora) for b in bases
+        )
+
+    def forward(self, x, mask, domain, experts: list[Expert]) -> torch.Tensor:
+        for layer, expert in zip(self.layers, experts):
+            x = layer(x, mask, domain, expert)
+        return x
+
+
+class ImageEncoder(nn.Module):
+    """64 x 64 image -> trainable adaptor -> upsample -> frozen tower (+LoRA) -> projection."""
+
+    def __init__(self, tower: nn.Module, dim: int, hidden: int, resolution: int):
+        super().__init__()
+        self.tower = tower
+        self.adaptor = nn.Conv2d(3, 3, 3, padding=1)
+        nn.init.zeros_(self.adaptor.weight)  # starts as the identity (a residual adaptor)
+        nn.init.zeros_(self.adaptor.bias)
+        self.proj = nn.Sequential(nn.Linear(dim, hidden), nn.LayerNorm(hidden))
+        self.resolution = resolution
+
+    def forward(self, batch: Mapping[str, torch.Tensor]):
+        x = batch["image"]
+        x = x + self.adaptor(x)
+        x = F.interpolate(x, size=(self.resolution,) * 2, mode="bilinear", align_corners=False)
+        return self.proj(self.tower((x - 0.5) / 0.5)), None
+
+
+class TextEncoder(nn.Module):
+    def __init__(self, tower: nn.Module, dim: int, hidden: int):
+        super().__init__()
+        self.tower = tower
+        self.proj = nn.Sequential(nn.Linear(dim, hidden), nn.LayerNorm(hidden))
+
+    def forward(self, batch: Mapping[str, torch.Tensor]):
+        mask = batch["text_mask"]
+        return self.proj(self.tower(batch["text"], mask)), mask
+
+
+class TapModel(nn.Module):
+    """The union model of a federation's tasks on one frozen backbone."""
+
+    def __init__(self, backbone: Backbone, tasks: Iterable[TaskSpec], settings: TapSettings):
+        super().__init__()
+        self.tasks = {t.name: t for t in tasks}
+        self.settings = settings
+        self.domains = sorted({d for t in self.tasks.values() for d in t.domains})
+        modalities = sorted({m for t in self.tasks.values() for m in t.modalities})
+        n = settings.layers_per_block
+        if len(backbone.bases) < 2 * n:
+            raise ValueError(
+                f"the backbone has {len(backbone.bases)} layers for the gated "
+                f"transformer; layers_per_block = {n} needs {2 * n}"
+            )
+        hidden = backbone.hidden
+        self._vocab = backbone.vocab_size
+        self.fusion = backbone.layers  # registered once: every block and expert shares these
+        encoders = {
+            "image": lambda: ImageEncoder(
+                backbone.image_encoder, backbone.image_dim, hidden, backbone.resolution
+            ),
+            "text": lambda: TextEncoder(backbone.text_encoder, backbone.text_dim, hidden),
+        }
+        self.encoders = nn.ModuleDict({m: encoders[m]() for m in modalities})
+        self.shared_proj = nn.Linear(hidden, hidden)
+        self._build_gated(backbone.bases[:n], backbone.bases[n : 2 * n])
+        self.heads = nn.ModuleDict({t.name: self._head(t, backbone) for t in self.tasks.values()})
+
+    def _build_gated(self, mote_bases, mome_bases) -> None:
+        used = [
+            r
+            for t in self.tasks.values()
+            for m in t.modalities
+            for r in routes(t.kind, m, self.settings.paths)
+        ]
+        s, lora = self.settings, self.settings.expert_lora
+        self.mote_blocks = nn.ModuleDict(
+            {k: Block(mote_bases, self.domains, s) for k in sorted({r.mote_block for r in used})}
+        )
+        self.mome_blocks = nn.ModuleDict(
+            {k: Block(mome_bases, self.domains, s) for k in sorted({r.mome_block for r in used})}
+        )
+        self.mote_experts = _expert_grid(mote_bases, {r.mote_expert for r in used}, lora)
+        self.mome_experts = _expert_grid(mome_bases, {r.mome_expert for r in used}, lora)
+
+    def _head(self, task: TaskSpec, backbone: Backbone) -> nn.Module:
+        if task.kind.endswith("_cls"):
+            return ClassificationHead(backbone.hidden, task.classes)
+        if task.kind == "image_gen":
+            return ImageGenerationHead(backbone.hidden)
+        return TextGenerationHead(
+            backbone.hidden, backbone.heads, backbone.vocab_size, self.settings.answer_len
+        )
+
+    def heads_vocab(self) -> int:
+        """Token ids the model reads and writes: the text encoder's vocabulary."""
+        return self._vocab
+
+    # --- forward ------------------------------------------------------------------------------
+
+    def forward(self, task: str, batch: Mapping[str, torch.Tensor]):
+        """Head output and (B, paths, hidden) pooled path features for one task's batch.
+
+        ``batch["domain"]`` holds each sample's index into :attr:`domains`; MoDE routes every
+        sample by its own domain.
+        """
+        spec = self.tasks[task]
+        domain = batch["domain"]
+        pooled = []
+        for m in spec.modalities:
+            tokens, mask = self.encoders[m](batch)
+            shared = self.shared_proj(tokens)
+            for r in routes(spec.kind, m, self.settings.paths):
+                x = shared if r.shared_input else tokens
+                x = self.mote_blocks[r.mote_block](
+                    x, mask, domain, _experts(self.mote_experts, r.mote_expert)
+                )
+                x = self.mome_blocks[r.mome_block](
+                    x, mask, domain, _experts(self.mome_experts, r.mome_expert)
+                )
+                pooled.append(_masked_mean(x, mask))
+        paths = torch.stack(pooled, dim=1)
+        return self.heads[task](paths.mean(dim=1), paths), paths
+
+    def loss(self, task: str, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        out, _ = self(task, batch)
+        return self.heads[task].loss(out, batch)
+
+    # --- trainable state -----------------------------------------------------------------------
+
+    def trainable_names(self) -> list[str]:
+        """Every trainable tensor of the union model, in a fixed order."""
+        return [n for n, p in self.named_parameters() if p.requires_grad]
+
+    def component_names(self, task: str) -> list[str]:
+        """The trainable tensors task ``task``'s forward touches, from the structure alone."""
+        spec = self.tasks[task]
+        prefixes = {f"heads.{task}."} | {f"encoders.{m}." for m in spec.modalities}
+        for m in spec.modalities:
+            for r in routes(spec.kind, m, self.settings.paths):
+                if r.shared_input:
+                    prefixes.add("shared_proj.")
+                prefixes |= self._block_prefixes(f"mote_blocks.{r.mote_block}", spec.domains)
+                prefixes |= self._block_prefixes(f"mome_blocks.{r.mome_block}", spec.domains)
+                for layer in range(self.settings.layers_per_block):
+                    prefixes.add(f"mote_experts.{layer}.{'.'.join(r.mote_expert)}.")
+                    prefixes.add(f"mome_experts.{layer}.{'.'.join(r.mome_expert)}.")
+        return [n for n in self.trainable_names() if any(n.startswith(p) for p in prefixes)]
+
+    def client_names(self, tasks: Iterable[str]) -> list[str]:
+        """A client's trainable tensors: the union of its tasks' components, in union order."""
+        wanted = {n for t in tasks for n in self.component_names(t)}
+        return [n for n in self.trainable_names() if n in wanted]
+
+    def get_state(self, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        """Detached copies of the named trainable tensors (all of them by default)."""
+        params = dict(self.named_parameters())
+        names = self.trainable_names() if names is None else list(names)
+        _check_names(names, self.trainable_names())
+        return {n: params[n].detach().clone() for n in names}
+
+    def load_state(self, state: Mapping[str, torch.Tensor], names: Iterable[str]) -> None:
+        """Copy ``state`` into the resident module; its keys must be exactly ``names``."""
+        names = list(names)
+        _check_names(names, self.trainable_names())
+        missing, unexpected = set(names) - set(state), set(state) - set(names)
+        if missing or unexpected:
+            raise KeyError(
+                f"state does not match: missing {sorted(missing)}, unexpected {sorted(unexpected)}"
+            )
+        params = dict(self.named_parameters())
+        with torch.no_grad():
+            for n in names:
+                params[n].copy_(state[n])
+
+    def _block_prefixes(self, block: str, domains: Iterable[str]) -> set[str]:
+        out = set()
+        for layer in range(self.settings.layers_per_block):
+            base = f"{block}.layers.{layer}."
+            out |= {base + "lora_q.", base + "lora_v."}
+            for d in domains:
+                out |= {f"{base}mode_q.experts.{d}.", f"{base}mode_v.experts.{d}."}
+        return out
+
+
+def _expert_grid(bases, keys: set[tuple[str, str]], lora: LoraSpec) -> nn.ModuleList:
+    """experts[layer][a][b] for every (a, b) some path uses; layer l shares base l."""
+    grid = nn.ModuleList()
+    for base in bases:
+        level = nn.ModuleDict()
+        for a, b in sorted(keys):
+            level[a] = level[a] if a in level else nn.ModuleDict()
+            level[a][b] = Expert(base, lora)
+        grid.append(level)
+    return grid
+
+
+def _experts(grid: nn.ModuleList, key: tuple[str, str]) -> list[Expert]:
+    return [level[key[0]][key[1]] for level in grid]
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is None:
+        return x.mean(dim=1)
+    weights = mask.to(x.dtype).unsqueeze(-1)
+    return (x * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+
+
+def _check_names(names: list[str], known: list[str]) -> None:
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        raise KeyError(f"not trainable tensors of the union model: {unknown}")

@@ -1,0 +1,111 @@
+"""The TAP model on tiny FLAVA and ViLT backbones: components, shared bases, states."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import SMOKE_CONFIG
+
+from tapdist.checkpoint import load_state, save_state
+from tapdist.config import load_config
+from tapdist.data.synthetic import make_task_data
+from tapdist.models.federated import build_union_model
+from tapdist.models.layers import LoRA, adapted
+from tapdist.models.tap import TapModel
+
+
+@pytest.fixture(scope="module", params=["flava", "vilt"])
+def model(request) -> TapModel:
+    cfg = load_config(SMOKE_CONFIG, [f"model.backbone={request.param}"])
+    return build_union_model(cfg)
+
+
+def batch_for(model: TapModel, task: str, n: int = 4, seed: int = 0) -> dict:
+    return make_task_data(model.tasks[task], n, 12, model.heads_vocab(), 4, model.domains, (seed,))
+
+
+def test_gradients_reach_exactly_the_component_set(model):
+    for task in model.tasks:  # includes a multi-modal task and a multi-domain task
+        model.zero_grad(set_to_none=True)
+        model.loss(task, batch_for(model, task)).backward()
+        touched = {n for n, p in model.named_parameters() if p.grad is not None}
+        assert touched == set(model.component_names(task)), task
+        frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+        assert not touched & frozen
+
+
+def test_components_follow_the_structure(model):
+    news = set(model.component_names("news"))
+    assert not any(n.startswith("encoders.image.") for n in news)  # never an unused modality
+    assert not any(".mode_q.experts.general_object." in n for n in news)  # only its domains
+    assert any(".mode_q.experts.news." in n for n in news)
+    law = set(model.component_names("law_qa"))
+    assert any("experts.law_answering." in n for n in law)
+    assert any("experts.medicine_answering." in n for n in law)
+    both = model.client_names(["news", "recon"])
+    assert set(both) == news | set(model.component_names("recon"))
+    assert both == [n for n in model.trainable_names() if n in set(both)]  # union order
+
+
+def test_experts_share_the_frozen_layer_storage(model):
+    fusion = model.fusion
+    for i, layer_weight in enumerate([layer.intermediate.dense.weight for layer in fusion[:2]]):
+        grid = model.mote_experts if i == 0 else model.mome_experts
+        blocks = model.mote_blocks if i == 0 else model.mome_blocks
+        experts = [e for row in grid[0].values() for e in row.values()]
+        experts += [
+            e
+            for b in blocks.values()
+            for layer in b.layers
+            for mode in (layer.mode_q, layer.mode_v)
+            for e in mode.experts.values()
+        ]
+        assert len(experts) > 4
+        for expert in experts:
+            assert expert.base.fc1.weight.data_ptr() == layer_weight.data_ptr()
+    # the frozen bases are registered once: nothing frozen hides inside experts or blocks
+    for prefix in ("mote_experts", "mome_experts", "mote_blocks", "mome_blocks"):
+        assert all(p.requires_grad for p in getattr(model, prefix).parameters())
+
+
+def test_attention_lora_is_w_x_plus_b_a_x():
+    base = torch.nn.Linear(6, 5)
+    lora = LoRA(6, 5, rank=2, alpha=4.0, dropout=0.0)
+    torch.nn.init.normal_(lora.lora_B)
+    x = torch.randn(3, 6)
+    expected = x @ base.weight.T + base.bias + 2.0 * (x @ lora.lora_A.T @ lora.lora_B.T)
+    torch.testing.assert_close(adapted(base, lora, x), expected)
+
+
+def test_each_sample_is_routed_by_its_own_domain(model):
+    model.eval()
+    for layer in model.mome_blocks["shared"].layers:  # make the domain experts differ
+        for expert in layer.mode_q.experts.values():
+            torch.nn.init.normal_(expert.fc2.lora_B, std=0.5)
+    batch = batch_for(model, "law_qa", n=6)
+    assert len(set(batch["domain"].tolist())) == 2
+    with torch.no_grad():
+        together, _ = model("law_qa", batch)
+        alone = [model("law_qa", {k: v[i : i + 1] for k, v in batch.items()})[0] for i in range(6)]
+    torch.testing.assert_close(together, torch.cat(alone), rtol=1e-4, atol=1e-5)
+    model.train()
+
+
+def test_text_generation_head_has_no_embedding_table(model):
+    head = model.heads["vqa"]
+    assert not any(isinstance(m, torch.nn.Embedding) for m in head.modules())
+
+
+def test_state_roundtrip_and_strict_keys(model, tmp_path):
+    names = model.client_names(["vqa"])
+    state = {n: t + 0.5 for n, t in model.get_state(names).items()}
+    save_state(tmp_path / "client.h5", state)
+    back = load_state(tmp_path / "client.h5")
+    model.load_state(back, names)
+    after = model.get_state(names)
+    assert all(torch.equal(after[n], state[n]) for n in names)
+    with pytest.raises(KeyError, match="missing .*unexpected"):
+        model.load_state({n: state[n] for n in names[1:]}, names)
+    with pytest.raises(KeyError, match="not trainable tensors of the union model"):
+        model.get_state(["fusion.0.intermediate.dense.weight"])
+    assert set(names) <= set(model.trainable_names())
