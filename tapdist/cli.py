@@ -53,6 +53,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     config.set_defaults(func=_config)
 
+    info = sub.add_parser("model-info", help="parameter counts, bytes per round, memory")
+    _config_args(info)
+    info.set_defaults(func=_model_info)
+
     models = sub.add_parser("models", help="list registered models and algorithms")
     models.add_argument("--plugin", action="append", default=[], help="module or .py to import")
     models.set_defaults(func=_models)
@@ -76,6 +80,13 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     train(cfg, args.run_dir or cfg.run_dir)
+    return 0
+
+
+def _model_info(args: argparse.Namespace) -> int:
+    from tapdist.info import model_info
+
+    print(model_info(load_config(args.config, args.overrides)))
     return 0
 
 

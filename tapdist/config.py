@@ -108,6 +108,7 @@ class TrainConfig:
     """Local training of one client in one round."""
 
     local_steps: int = option(20, "optimizer steps per client per round", min=1)
+    accumulation: int = option(1, "micro-batches accumulated per optimizer step", min=1)
     batch_size: int = option(32, "samples per micro-batch", min=1)
     lr: float = option(1e-3, "learning rate", min=0.0)
 

@@ -36,22 +36,43 @@ def train_locally(
     optimizer = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=0.01)
     torch.manual_seed(generator.initial_seed())  # dropout draws from the global generator
     sizes = {task: len(fields["domain"]) for task, fields in data.items()}
-    total = sum(sizes.values())
     device = trained[0].device
     model.train()
     losses = []
     for _ in range(cfg.local_steps):
         optimizer.zero_grad(set_to_none=True)
-        step_loss = 0.0
-        for task, fields in data.items():
-            share = sizes[task] / total
-            take = max(1, round(cfg.batch_size * share))
-            rows = torch.randint(sizes[task], (take,), generator=generator)
-            batch = {k: v[rows].to(device, non_blocking=True) for k, v in fields.items()}
-            loss = model.loss(task, batch) * share
-            loss.backward()
-            step_loss += loss.item()
+        for _ in range(cfg.accumulation):
+            losses.append(_micro_batch(model, data, sizes, cfg, generator, device))
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optimizer.step()
-        losses.append(step_loss)
     return model.get_state(names), {"loss": sum(losses) / len(losses)}
+
+
+def _micro_batch(
+    model: TapModel,
+    data: Data,
+    sizes: dict[str, int],
+    cfg: TrainConfig,
+    generator: torch.Generator,
+    device: torch.device,
+) -> float:
+    """Backward of one micro-batch's loss (scaled for accumulation); returns its value."""
+    total = sum(sizes.values())
+    value = 0.0
+    for task, fields in data.items():
+        share = sizes[task] / total
+        take = max(1, round(cfg.batch_size * share))
+        rows = torch.randint(sizes[task], (take,), generator=generator)
+        batch = model_inputs({k: v[rows] for k, v in fields.items()}, device)
+        loss = model.loss(task, batch) * share
+        (loss / cfg.accumulation).backward()
+        value += loss.item()
+    return value
+
+
+def model_inputs(fields: Mapping[str, torch.Tensor], device: torch.device) -> dict:
+    """A batch on ``device`` as the model reads it: uint8 images become floats in [0, 1]."""
+    batch = {k: v.to(device, non_blocking=True) for k, v in fields.items()}
+    if "image" in batch and batch["image"].dtype == torch.uint8:
+        batch["image"] = batch["image"].float().div_(255.0)
+    return batch

@@ -9,6 +9,7 @@ from conftest import SMOKE_CONFIG
 from tapdist.checkpoint import load_state, save_state
 from tapdist.config import load_config
 from tapdist.data.synthetic import make_task_data
+from tapdist.local import model_inputs
 from tapdist.models.federated import build_union_model
 from tapdist.models.layers import LoRA, adapted
 from tapdist.models.tap import TapModel
@@ -21,7 +22,8 @@ def model(request) -> TapModel:
 
 
 def batch_for(model: TapModel, task: str, n: int = 4, seed: int = 0) -> dict:
-    return make_task_data(model.tasks[task], n, 12, model.heads_vocab(), 4, model.domains, (seed,))
+    data = make_task_data(model.tasks[task], n, 12, model.heads_vocab(), 4, model.domains, (seed,))
+    return model_inputs(data, torch.device("cpu"))
 
 
 def test_gradients_reach_exactly_the_component_set(model):
@@ -109,3 +111,19 @@ def test_state_roundtrip_and_strict_keys(model, tmp_path):
     with pytest.raises(KeyError, match="not trainable tensors of the union model"):
         model.get_state(["fusion.0.intermediate.dense.weight"])
     assert set(names) <= set(model.trainable_names())
+
+
+def test_model_info_reports_server_and_clients(smoke_config):
+    from tapdist.info import model_info
+
+    report = model_info(load_config(smoke_config))
+    rows = [line for line in report.splitlines() if line.startswith("| ")]
+    assert rows[2].startswith("| server (union) |")
+    assert [r.split("|")[1].strip() for r in rows[3:]] == [
+        "client 0 (objects)",
+        "client 1 (news)",
+        "client 2 (vqa)",
+        "client 3 (news+recon)",
+        "client 4 (law_qa+objects)",
+    ]
+    assert "resident memory" in report and "all_reduce buffer per rank" in report

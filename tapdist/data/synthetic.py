@@ -25,12 +25,14 @@ def make_task_data(
     domains: list[str],
     seed: tuple[int, ...],
 ) -> dict[str, torch.Tensor]:
-    """Tensors for ``samples`` samples of ``task``: image, text, text_mask, label/answer, domain."""
+    """Tensors for ``samples`` samples of ``task``: image (uint8), text, text_mask,
+    label/answer, domain."""
     rng = np.random.default_rng(list(seed))
     label = rng.integers(0, max(task.classes, 1), samples)
     data: dict[str, torch.Tensor] = {}
     if "image" in task.modalities:
-        data["image"] = torch.from_numpy(_images(rng, samples, label, task))
+        pixels = np.round(_images(rng, samples, label, task) * 255).astype(np.uint8)
+        data["image"] = torch.from_numpy(pixels)  # uint8, as stored; models read [0, 1] floats
     if "text" in task.modalities:
         ids, mask = _texts(rng, samples, text_len, vocab, label, task)
         data["text"], data["text_mask"] = torch.from_numpy(ids), torch.from_numpy(mask)

@@ -157,7 +157,8 @@ class TapModel(nn.Module):
             )
         hidden = backbone.hidden
         self._vocab = backbone.vocab_size
-        self.fusion = backbone.layers  # registered once: every block and expert shares these
+        # Registered once (only the 2n layers in use): every block and expert shares these.
+        self.fusion = nn.ModuleList(backbone.layers[: 2 * n])
         encoders = {
             "image": lambda: ImageEncoder(
                 backbone.image_encoder, backbone.image_dim, hidden, backbone.resolution
