@@ -64,7 +64,11 @@ class ModelConfig:
     """Which model the federation trains; for TAP, its backbone and gated-transformer sizes."""
 
     name: str = option("tap", "registered model name (see `tapdist models`)")
-    backbone: str = option("flava", "frozen backbone architecture", choices=("flava", "vilt"))
+    backbone: str = option(
+        "flava",
+        "frozen backbone: FLAVA, ViLT, or hf (separate Hugging Face text and vision encoders)",
+        choices=("flava", "vilt", "hf"),
+    )
     size: str = option(
         "full",
         "backbone size when built from its config (random init); tiny "
@@ -75,6 +79,11 @@ class ModelConfig:
         "",
         "local directory with pretrained backbone weights "
         "(from_pretrained); empty builds from the config instead",
+    )
+    text_encoder: str = option("", "backbone hf: local directory of the text encoder")
+    vision_encoder: str = option("", "backbone hf: local directory of the vision encoder")
+    tokenizer: str = option(
+        "", "local tokenizer directory; its vocabulary sizes the text-generation heads"
     )
     layers_per_block: int = option(1, "backbone layers per MoTE and per MoME block", min=1)
     paths: list = option(

@@ -56,10 +56,19 @@ def model_info(cfg: Config) -> str:
 
 
 def _frozen_used(model: TapModel, tasks) -> int:
-    """Frozen parameters a client's forward reads: its modalities' towers and the fusion layers."""
+    """Frozen parameters a client's forward reads: its modalities' towers and the gated layers'
+    bases (which may live inside a tower), each counted once."""
     modalities = {m for t in tasks for m in model.tasks[t].modalities}
-    modules = [model.encoders[m] for m in modalities] + [model.fusion]
-    return sum(p.numel() for mod in modules for p in mod.parameters() if not p.requires_grad)
+    seen = {}
+    modules = [model.encoders[m] for m in modalities]
+    modules += [
+        mod for b in model.bases for mod in (b.ln1, b.q, b.k, b.v, b.o, b.ln2, b.fc1, b.fc2)
+    ]
+    for module in modules:
+        for p in module.parameters():
+            if not p.requires_grad:
+                seen[id(p)] = p.numel()
+    return sum(seen.values())
 
 
 def _row(label: str, tensors: int, total: int, frozen: int, trainable: int) -> str:

@@ -15,7 +15,7 @@ from tapdist.models.layers import LoRA, adapted
 from tapdist.models.tap import TapModel
 
 
-@pytest.fixture(scope="module", params=["flava", "vilt"])
+@pytest.fixture(scope="module", params=["flava", "vilt", "hf"])
 def model(request) -> TapModel:
     cfg = load_config(SMOKE_CONFIG, [f"model.backbone={request.param}"])
     return build_union_model(cfg)
@@ -50,8 +50,7 @@ def test_components_follow_the_structure(model):
 
 
 def test_experts_share_the_frozen_layer_storage(model):
-    fusion = model.fusion
-    for i, layer_weight in enumerate([layer.intermediate.dense.weight for layer in fusion[:2]]):
+    for i, layer_weight in enumerate([base.fc1.weight for base in model.bases]):
         grid = model.mote_experts if i == 0 else model.mome_experts
         blocks = model.mote_blocks if i == 0 else model.mome_blocks
         experts = [e for row in grid[0].values() for e in row.values()]
@@ -127,3 +126,55 @@ def test_model_info_reports_server_and_clients(smoke_config):
         "client 4 (law_qa+objects)",
     ]
     assert "resident memory" in report and "all_reduce buffer per rank" in report
+
+
+def tiny_tokenizer(directory) -> int:
+    from transformers import BertTokenizerFast
+
+    directory.mkdir(parents=True)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(35)]
+    (directory / "vocab.txt").write_text("\n".join(words) + "\n")
+    BertTokenizerFast.from_pretrained(directory).save_pretrained(directory)  # v4 and v5
+    return len(words)
+
+
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+
+
+def test_hf_backbone_and_tokenizer_load_from_local_directories(tmp_path):
+    """What users with real weights do: from_pretrained(local_dir), and a tokenizer dir."""
+    from transformers import BertConfig, BertModel, ViTConfig, ViTModel
+
+    from tapdist.config import ConfigError
+
+    BertModel(BertConfig(**TINY, vocab_size=100)).save_pretrained(tmp_path / "text")
+    ViTModel(ViTConfig(**TINY, image_size=32, patch_size=8)).save_pretrained(tmp_path / "vision")
+    vocab = tiny_tokenizer(tmp_path / "tok")
+    overrides = [
+        "model.backbone=hf",
+        "model.size=full",
+        f"model.text_encoder={tmp_path / 'text'}",
+        f"model.vision_encoder={tmp_path / 'vision'}",
+        f"model.tokenizer={tmp_path / 'tok'}",
+    ]
+    model = build_union_model(load_config(SMOKE_CONFIG, overrides))
+    assert model.heads["vqa"].lm_head.out_features == vocab == model.heads_vocab()
+    assert torch.isfinite(model.loss("vqa", batch_for(model, "vqa")))
+    BertModel(BertConfig(**TINY, vocab_size=20)).save_pretrained(tmp_path / "small")
+    overrides[2] = f"model.text_encoder={tmp_path / 'small'}"
+    with pytest.raises(ConfigError, match="has 40 tokens but the text encoder embeds only 20"):
+        build_union_model(load_config(SMOKE_CONFIG, overrides))
+
+
+@pytest.mark.parametrize("kind", ["flava", "vilt"])
+def test_pretrained_directory_is_loaded(tmp_path, kind):
+    from transformers import FlavaModel, ViltModel
+
+    from tapdist.models.backbone import hf_config, load_backbone
+
+    saved = (FlavaModel if kind == "flava" else ViltModel)(hf_config(kind, "tiny"))
+    saved.save_pretrained(tmp_path / kind)
+    layer = (saved.multimodal_model.encoder if kind == "flava" else saved.encoder).layer[0]
+    loaded = load_backbone(kind, pretrained=str(tmp_path / kind))
+    assert torch.equal(loaded.bases[0].fc1.weight, layer.intermediate.dense.weight)
+    assert not any(p.requires_grad for p in loaded.layers.parameters())

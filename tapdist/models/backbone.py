@@ -15,7 +15,7 @@ from torch import nn
 
 from tapdist.models.layers import LayerBase, LoraSpec
 
-BACKBONES = ("flava", "vilt")
+BACKBONES = ("flava", "vilt", "hf")
 SIZES = ("tiny", "full")
 # Tiny: a configuration of the real architecture small enough for tests (hidden 32, 2 layers).
 _TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
@@ -37,39 +37,63 @@ class Backbone:
     resolution: int  # input resolution of the image encoder
     vocab_size: int
     max_text_len: int
+    fusion_in_towers: bool = False  # the gated layers are the text tower's top layers
 
 
 def load_backbone(
-    kind: str, size: str = "tiny", pretrained: str = "", encoder_lora: LoraSpec | None = None
+    kind: str,
+    size: str = "tiny",
+    pretrained: str = "",
+    encoder_lora: LoraSpec | None = None,
+    text_dir: str = "",
+    vision_dir: str = "",
 ) -> Backbone:
-    """Build (``size``) or load (``pretrained`` directory) a backbone; every weight frozen."""
+    """Build (``size``) or load (``pretrained`` directory) a backbone; every weight frozen.
+
+    ``hf`` pairs separate Hugging Face text and vision encoders, each loaded from a local
+    directory (``text_dir``, ``vision_dir``) or built tiny; the gated transformer then starts
+    from the text encoder's top layers.
+    """
     if kind not in BACKBONES:
         raise ValueError(f"backbone '{kind}' is unknown; accepted: {', '.join(BACKBONES)}")
-    builder = _flava if kind == "flava" else _vilt
-    backbone = builder(size, pretrained, encoder_lora)
+    if kind == "hf":
+        backbone = _hf(size, text_dir, vision_dir, encoder_lora)
+    else:
+        builder = _flava if kind == "flava" else _vilt
+        backbone = builder(size, pretrained, encoder_lora)
     for module in (backbone.image_encoder, backbone.text_encoder, backbone.layers):
         for name, param in module.named_parameters():
             param.requires_grad_("lora_" in name)
     return backbone
 
 
-def _flava(size: str, pretrained: str, lora: LoraSpec | None) -> Backbone:
-    from transformers import FlavaConfig, FlavaModel
+def hf_config(kind: str, size: str):
+    """The Hugging Face config of a FLAVA or ViLT backbone of ``size`` (full: the defaults)."""
+    from transformers import FlavaConfig, ViltConfig
 
-    if pretrained:
-        model = FlavaModel.from_pretrained(pretrained)
-    elif size == "tiny":
-        model = FlavaModel(
-            FlavaConfig(
-                image_config=dict(_TINY, image_size=32, patch_size=8),
-                text_config=dict(_TINY, vocab_size=1000, max_position_embeddings=64),
-                multimodal_config=_TINY,
-                hidden_size=32,
-                projection_dim=32,
-            )
+    if kind == "flava" and size == "tiny":
+        return FlavaConfig(
+            image_config=dict(_TINY, image_size=32, patch_size=8),
+            text_config=dict(_TINY, vocab_size=1000, max_position_embeddings=64),
+            multimodal_config=_TINY,
+            hidden_size=32,
+            projection_dim=32,
         )
-    else:
-        model = FlavaModel(FlavaConfig())
+    if kind == "vilt" and size == "tiny":
+        return ViltConfig(
+            **_TINY, image_size=32, patch_size=8, vocab_size=1000, max_position_embeddings=40
+        )
+    return FlavaConfig() if kind == "flava" else ViltConfig()
+
+
+def _flava(size: str, pretrained: str, lora: LoraSpec | None) -> Backbone:
+    from transformers import FlavaModel
+
+    model = (
+        FlavaModel.from_pretrained(pretrained)
+        if pretrained
+        else FlavaModel(hf_config("flava", size))
+    )
     cfg = model.config
     image, text = model.image_model, model.text_model
     if lora is not None and lora.rank > 0:
@@ -78,8 +102,8 @@ def _flava(size: str, pretrained: str, lora: LoraSpec | None) -> Backbone:
     layers = model.multimodal_model.encoder.layer
     return Backbone(
         "flava",
-        _FlavaImage(image),
-        _FlavaText(text),
+        _TowerImage(image),
+        _TowerText(text),
         layers,
         [_hf_layer_base(layer, cfg.multimodal_config) for layer in layers],
         cfg.image_config.hidden_size,
@@ -93,18 +117,11 @@ def _flava(size: str, pretrained: str, lora: LoraSpec | None) -> Backbone:
 
 
 def _vilt(size: str, pretrained: str, lora: LoraSpec | None) -> Backbone:
-    from transformers import ViltConfig, ViltModel
+    from transformers import ViltModel
 
-    if pretrained:
-        model = ViltModel.from_pretrained(pretrained)
-    elif size == "tiny":
-        model = ViltModel(
-            ViltConfig(
-                **_TINY, image_size=32, patch_size=8, vocab_size=1000, max_position_embeddings=40
-            )
-        )
-    else:
-        model = ViltModel(ViltConfig())
+    model = (
+        ViltModel.from_pretrained(pretrained) if pretrained else ViltModel(hf_config("vilt", size))
+    )
     cfg = model.config
     layers = model.encoder.layer
     # ViLT's towers are its embeddings: 224-pixel inputs give 7 x 7 patches of 32 (TAP's setting)
@@ -126,14 +143,80 @@ def _vilt(size: str, pretrained: str, lora: LoraSpec | None) -> Backbone:
     )
 
 
+def _hf(size: str, text_dir: str, vision_dir: str, lora: LoraSpec | None) -> Backbone:
+    from transformers import AutoModel, BertConfig, BertModel, ViTConfig, ViTModel
+
+    if size != "tiny" and not (text_dir and vision_dir):
+        raise ValueError(
+            "backbone hf needs model.text_encoder and model.vision_encoder directories "
+            "(or model.size=tiny to build both from configs)"
+        )
+    if text_dir:
+        text = _from_dir(AutoModel, text_dir)
+    else:
+        tiny = BertConfig(**_TINY, vocab_size=1000, max_position_embeddings=64)
+        text = BertModel(tiny, add_pooling_layer=False)
+    if vision_dir:
+        vision = _from_dir(AutoModel, vision_dir)
+    else:
+        vision = ViTModel(ViTConfig(**_TINY, image_size=32, patch_size=8), add_pooling_layer=False)
+    tcfg, vcfg = text.config, vision.config
+    # The gated transformer starts from the text encoder's top layers (TapModel picks them).
+    bases = [_bert_layer_base(layer, tcfg) for layer in text.encoder.layer]  # before LoRA
+    if lora is not None and lora.rank > 0:
+        _inject_qv_lora(vision, lora)
+        _inject_qv_lora(text, lora)
+    return Backbone(
+        "hf",
+        _TowerImage(vision),
+        _TowerText(text),
+        nn.ModuleList(),  # the layers stay registered in the text tower
+        bases,
+        vcfg.hidden_size,
+        tcfg.hidden_size,
+        tcfg.hidden_size,
+        tcfg.num_attention_heads,
+        vcfg.image_size,
+        tcfg.vocab_size,
+        tcfg.max_position_embeddings,
+        fusion_in_towers=True,
+    )
+
+
+def _from_dir(auto, directory: str) -> nn.Module:
+    """An encoder from a local directory, without the pooler TAP never reads."""
+    try:
+        return auto.from_pretrained(directory, add_pooling_layer=False)
+    except TypeError:  # architectures without a pooler option
+        return auto.from_pretrained(directory)
+
+
+def _bert_layer_base(layer: nn.Module, cfg) -> LayerBase:
+    """A post-LN BERT layer read as pre-LN: its two LayerNorms become the input norms."""
+    attn = layer.attention
+    return LayerBase(
+        attn.output.LayerNorm,
+        attn.self.query,
+        attn.self.key,
+        attn.self.value,
+        attn.output.dense,
+        layer.output.LayerNorm,
+        layer.intermediate.dense,
+        layer.output.dense,
+        layer.intermediate.intermediate_act_fn,
+        cfg.num_attention_heads,
+    )
+
+
 def _inject_qv_lora(tower: nn.Module, lora: LoraSpec) -> None:
     from peft import LoraConfig, inject_adapter_in_model
 
+    # query/value: BERT, FLAVA, transformers-4 ViT; q_proj/v_proj: transformers-5 ViT
     config = LoraConfig(
         r=lora.rank,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=["query", "value"],
+        target_modules=["query", "value", "q_proj", "v_proj"],
     )
     inject_adapter_in_model(config, tower)
 
@@ -155,7 +238,7 @@ def _hf_layer_base(layer: nn.Module, cfg) -> LayerBase:
     )
 
 
-class _FlavaImage(nn.Module):
+class _TowerImage(nn.Module):
     def __init__(self, tower: nn.Module):
         super().__init__()
         self.tower = tower
@@ -164,7 +247,7 @@ class _FlavaImage(nn.Module):
         return _hidden(self.tower(pixel_values=pixels))
 
 
-class _FlavaText(nn.Module):
+class _TowerText(nn.Module):
     def __init__(self, tower: nn.Module):
         super().__init__()
         self.tower = tower

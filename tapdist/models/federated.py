@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tapdist.config import Config
+from tapdist.config import Config, ConfigError
 from tapdist.data.spec import parse_clients, parse_tasks
 from tapdist.data.synthetic import make_task_data
 from tapdist.local import train_locally
@@ -19,8 +19,6 @@ def settings_from(cfg: Config) -> TapSettings:
     m = cfg.model
     bad = [p for p in m.paths if p not in PATHS]
     if bad or not m.paths:
-        from tapdist.config import ConfigError
-
         raise ConfigError(f"model.paths = {m.paths}: a non-empty subset of {', '.join(PATHS)}")
     return TapSettings(
         layers_per_block=m.layers_per_block,
@@ -36,11 +34,27 @@ def settings_from(cfg: Config) -> TapSettings:
 def build_union_model(cfg: Config, device: torch.device | str = "cpu") -> TapModel:
     """The union (server) model of ``cfg``'s tasks, initialised from ``run.seed``."""
     settings = settings_from(cfg)
+    m = cfg.model
     torch.manual_seed(cfg.run.seed)
     backbone = load_backbone(
-        cfg.model.backbone, cfg.model.size, cfg.model.pretrained, settings.encoder_lora
+        m.backbone, m.size, m.pretrained, settings.encoder_lora, m.text_encoder, m.vision_encoder
     )
+    if m.tokenizer:
+        backbone.vocab_size = tokenizer_vocab(m.tokenizer, backbone.vocab_size)
     return TapModel(backbone, parse_tasks(cfg.data), settings).to(device)
+
+
+def tokenizer_vocab(directory: str, encoder_vocab: int) -> int:
+    """Vocabulary size of the tokenizer in ``directory``; the text encoder must cover it."""
+    from transformers import BertTokenizerFast
+
+    size = len(BertTokenizerFast.from_pretrained(directory))
+    if size > encoder_vocab:
+        raise ConfigError(
+            f"model.tokenizer {directory} has {size} tokens but the text encoder "
+            f"embeds only {encoder_vocab}; use the backbone's own tokenizer"
+        )
+    return size
 
 
 class TapFederation:

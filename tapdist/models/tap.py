@@ -157,8 +157,13 @@ class TapModel(nn.Module):
             )
         hidden = backbone.hidden
         self._vocab = backbone.vocab_size
-        # Registered once (only the 2n layers in use): every block and expert shares these.
-        self.fusion = nn.ModuleList(backbone.layers[: 2 * n])
+        if backbone.fusion_in_towers:  # the text encoder's top layers, registered there
+            bases = backbone.bases[len(backbone.bases) - 2 * n :]
+            self.fusion = nn.ModuleList()
+        else:  # registered once, only the 2n layers in use; every block and expert shares them
+            bases = backbone.bases[: 2 * n]
+            self.fusion = nn.ModuleList(backbone.layers[: 2 * n])
+        self.bases = bases
         encoders = {
             "image": lambda: ImageEncoder(
                 backbone.image_encoder, backbone.image_dim, hidden, backbone.resolution
@@ -167,7 +172,7 @@ class TapModel(nn.Module):
         }
         self.encoders = nn.ModuleDict({m: encoders[m]() for m in modalities})
         self.shared_proj = nn.Linear(hidden, hidden)
-        self._build_gated(backbone.bases[:n], backbone.bases[n : 2 * n])
+        self._build_gated(bases[:n], bases[n:])
         self.heads = nn.ModuleDict({t.name: self._head(t, backbone) for t in self.tasks.values()})
 
     def _build_gated(self, mote_bases, mome_bases) -> None:
