@@ -90,7 +90,7 @@ def _flava(size: str, pretrained: str, lora: LoraSpec | None) -> Backbone:
     from transformers import FlavaModel
 
     model = (
-        FlavaModel.from_pretrained(pretrained)
+        _fp32(FlavaModel.from_pretrained(pretrained))
         if pretrained
         else FlavaModel(hf_config("flava", size))
     )
@@ -120,7 +120,9 @@ def _vilt(size: str, pretrained: str, lora: LoraSpec | None) -> Backbone:
     from transformers import ViltModel
 
     model = (
-        ViltModel.from_pretrained(pretrained) if pretrained else ViltModel(hf_config("vilt", size))
+        _fp32(ViltModel.from_pretrained(pretrained))
+        if pretrained
+        else ViltModel(hf_config("vilt", size))
     )
     cfg = model.config
     layers = model.encoder.layer
@@ -186,9 +188,14 @@ def _hf(size: str, text_dir: str, vision_dir: str, lora: LoraSpec | None) -> Bac
 def _from_dir(auto, directory: str) -> nn.Module:
     """An encoder from a local directory, without the pooler TAP never reads."""
     try:
-        return auto.from_pretrained(directory, add_pooling_layer=False)
+        return _fp32(auto.from_pretrained(directory, add_pooling_layer=False))
     except TypeError:  # architectures without a pooler option
-        return auto.from_pretrained(directory)
+        return _fp32(auto.from_pretrained(directory))
+
+
+def _fp32(model: nn.Module) -> nn.Module:
+    # transformers 5 keeps the dtype weights were saved in; LoRA and projections are fp32
+    return model.float()
 
 
 def _bert_layer_base(layer: nn.Module, cfg) -> LayerBase:
