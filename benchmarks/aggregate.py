@@ -39,7 +39,7 @@ def main() -> None:
     )
     parser.add_argument("--tensors", type=int, default=800, help="trainable tensors in it")
     parser.add_argument("--clients-per-rank", type=int, default=1)
-    parser.add_argument("--dtype", nargs="+", default=["fp32", "bf16"])
+    parser.add_argument("--dtype", nargs="+", default=["fp64", "fp32", "bf16"])
     parser.add_argument("--backend", default="gloo", choices=["gloo", "nccl", "mpi"])
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
@@ -109,7 +109,14 @@ def drive(args: argparse.Namespace) -> None:
 def worker(args: argparse.Namespace) -> None:
     from tapdist.config import load_config
     from tapdist.dist import init_context
-    from tapdist.fl.aggregate import FlatLayout, RoundBuffer, accumulate, all_reduce_round, finalize
+    from tapdist.fl.aggregate import (
+        FlatLayout,
+        RoundBuffer,
+        accumulate,
+        accumulation_dtype,
+        all_reduce_round,
+        finalize,
+    )
 
     dtype = args.dtype[0]
     cfg = load_config(
@@ -128,7 +135,8 @@ def worker(args: argparse.Namespace) -> None:
     for step in range(cfg.bench.warmup + cfg.bench.repeats):
         ctx.barrier("bench step")
         t0 = time.perf_counter()
-        buf = RoundBuffer.zeros(layout, ctx.world_size * args.clients_per_rank, 2, ctx.device)
+        n_clients = ctx.world_size * args.clients_per_rank
+        buf = RoundBuffer.zeros(layout, n_clients, 2, ctx.device, accumulation_dtype(dtype))
         for upload in uploads:
             accumulate(buf, upload, 100.0)
         t1 = _sync(ctx)
