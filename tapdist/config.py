@@ -75,6 +75,10 @@ class ModelConfig:
         "is hidden 32, 2 layers, for tests",
         choices=("full", "tiny"),
     )
+    hidden_size: int = option(0, "explicit backbone width (0: the size preset's)", min=0)
+    num_layers: int = option(0, "explicit layers per backbone transformer (0: preset)", min=0)
+    num_heads: int = option(0, "explicit attention heads (0: the size preset's)", min=0)
+    intermediate_size: int = option(0, "explicit FFN width (0: the size preset's)", min=0)
     pretrained: str = option(
         "",
         "local directory with pretrained backbone weights "

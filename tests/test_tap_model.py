@@ -180,3 +180,11 @@ def test_pretrained_directory_is_loaded(tmp_path, kind):
     assert loaded.bases[0].fc1.weight.dtype == torch.float32
     assert torch.equal(loaded.bases[0].fc1.weight, layer.intermediate.dense.weight.float())
     assert not any(p.requires_grad for p in loaded.layers.parameters())
+
+
+def test_explicit_sizes_override_the_preset():
+    sizes = ["model.hidden_size=48", "model.num_heads=4", "model.num_layers=3"]
+    model = build_union_model(load_config(SMOKE_CONFIG, sizes))
+    assert (model.bases[0].hidden, model.bases[0].heads) == (48, 4)
+    assert len(model.encoders["text"].tower.tower.encoder.layer) == 3
+    assert torch.isfinite(model.loss("vqa", batch_for(model, "vqa")))

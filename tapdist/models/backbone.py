@@ -47,6 +47,7 @@ def load_backbone(
     encoder_lora: LoraSpec | None = None,
     text_dir: str = "",
     vision_dir: str = "",
+    sizes: dict[str, int] | None = None,
 ) -> Backbone:
     """Build (``size``) or load (``pretrained`` directory) a backbone; every weight frozen.
 
@@ -57,42 +58,46 @@ def load_backbone(
     if kind not in BACKBONES:
         raise ValueError(f"backbone '{kind}' is unknown; accepted: {', '.join(BACKBONES)}")
     if kind == "hf":
-        backbone = _hf(size, text_dir, vision_dir, encoder_lora)
+        backbone = _hf(size, text_dir, vision_dir, encoder_lora, sizes or {})
     else:
         builder = _flava if kind == "flava" else _vilt
-        backbone = builder(size, pretrained, encoder_lora)
+        backbone = builder(size, pretrained, encoder_lora, sizes or {})
     for module in (backbone.image_encoder, backbone.text_encoder, backbone.layers):
         for name, param in module.named_parameters():
             param.requires_grad_("lora_" in name)
     return backbone
 
 
-def hf_config(kind: str, size: str):
-    """The Hugging Face config of a FLAVA or ViLT backbone of ``size`` (full: the defaults)."""
+def hf_config(kind: str, size: str, sizes: dict[str, int] | None = None):
+    """The Hugging Face config of a FLAVA or ViLT backbone of ``size`` (full: the defaults),
+    with explicit ``sizes`` (hidden_size, num_hidden_layers, num_attention_heads,
+    intermediate_size) overriding the preset in every transformer of the backbone."""
     from transformers import FlavaConfig, ViltConfig
 
-    if kind == "flava" and size == "tiny":
+    tiny = size == "tiny"
+    layer = dict(_TINY if tiny else {}, **(sizes or {}))
+    if kind == "flava":
+        hidden = layer.get("hidden_size", 768)
+        image = dict(layer, image_size=32, patch_size=8) if tiny else layer
+        text = dict(layer, vocab_size=1000, max_position_embeddings=64) if tiny else layer
         return FlavaConfig(
-            image_config=dict(_TINY, image_size=32, patch_size=8),
-            text_config=dict(_TINY, vocab_size=1000, max_position_embeddings=64),
-            multimodal_config=_TINY,
-            hidden_size=32,
-            projection_dim=32,
+            image_config=image,
+            text_config=text,
+            multimodal_config=layer,
+            hidden_size=hidden,
+            projection_dim=hidden,
         )
-    if kind == "vilt" and size == "tiny":
-        return ViltConfig(
-            **_TINY, image_size=32, patch_size=8, vocab_size=1000, max_position_embeddings=40
-        )
-    return FlavaConfig() if kind == "flava" else ViltConfig()
+    extra = dict(image_size=32, patch_size=8, vocab_size=1000, max_position_embeddings=40)
+    return ViltConfig(**layer, **(extra if tiny else {}))
 
 
-def _flava(size: str, pretrained: str, lora: LoraSpec | None) -> Backbone:
+def _flava(size: str, pretrained: str, lora: LoraSpec | None, sizes: dict) -> Backbone:
     from transformers import FlavaModel
 
     model = (
         _fp32(FlavaModel.from_pretrained(pretrained))
         if pretrained
-        else FlavaModel(hf_config("flava", size))
+        else FlavaModel(hf_config("flava", size, sizes))
     )
     cfg = model.config
     image, text = model.image_model, model.text_model
@@ -116,13 +121,13 @@ def _flava(size: str, pretrained: str, lora: LoraSpec | None) -> Backbone:
     )
 
 
-def _vilt(size: str, pretrained: str, lora: LoraSpec | None) -> Backbone:
+def _vilt(size: str, pretrained: str, lora: LoraSpec | None, sizes: dict) -> Backbone:
     from transformers import ViltModel
 
     model = (
         _fp32(ViltModel.from_pretrained(pretrained))
         if pretrained
-        else ViltModel(hf_config("vilt", size))
+        else ViltModel(hf_config("vilt", size, sizes))
     )
     cfg = model.config
     layers = model.encoder.layer
@@ -145,7 +150,7 @@ def _vilt(size: str, pretrained: str, lora: LoraSpec | None) -> Backbone:
     )
 
 
-def _hf(size: str, text_dir: str, vision_dir: str, lora: LoraSpec | None) -> Backbone:
+def _hf(size: str, text_dir: str, vision_dir: str, lora: LoraSpec | None, sizes: dict) -> Backbone:
     from transformers import AutoModel, BertConfig, BertModel, ViTConfig, ViTModel
 
     if size != "tiny" and not (text_dir and vision_dir):
@@ -156,12 +161,13 @@ def _hf(size: str, text_dir: str, vision_dir: str, lora: LoraSpec | None) -> Bac
     if text_dir:
         text = _from_dir(AutoModel, text_dir)
     else:
-        tiny = BertConfig(**_TINY, vocab_size=1000, max_position_embeddings=64)
+        tiny = BertConfig(**dict(_TINY, **sizes), vocab_size=1000, max_position_embeddings=64)
         text = BertModel(tiny, add_pooling_layer=False)
     if vision_dir:
         vision = _from_dir(AutoModel, vision_dir)
     else:
-        vision = ViTModel(ViTConfig(**_TINY, image_size=32, patch_size=8), add_pooling_layer=False)
+        vit = ViTConfig(**dict(_TINY, **sizes), image_size=32, patch_size=8)
+        vision = ViTModel(vit, add_pooling_layer=False)
     tcfg, vcfg = text.config, vision.config
     # The gated transformer starts from the text encoder's top layers (TapModel picks them).
     bases = [_bert_layer_base(layer, tcfg) for layer in text.encoder.layer]  # before LoRA

@@ -36,8 +36,20 @@ def build_union_model(cfg: Config, device: torch.device | str = "cpu") -> TapMod
     settings = settings_from(cfg)
     m = cfg.model
     torch.manual_seed(cfg.run.seed)
+    sizes = {
+        "hidden_size": m.hidden_size,
+        "num_hidden_layers": m.num_layers,
+        "num_attention_heads": m.num_heads,
+        "intermediate_size": m.intermediate_size,
+    }
     backbone = load_backbone(
-        m.backbone, m.size, m.pretrained, settings.encoder_lora, m.text_encoder, m.vision_encoder
+        m.backbone,
+        m.size,
+        m.pretrained,
+        settings.encoder_lora,
+        m.text_encoder,
+        m.vision_encoder,
+        {k: v for k, v in sizes.items() if v},
     )
     if m.tokenizer:
         backbone.vocab_size = tokenizer_vocab(m.tokenizer, backbone.vocab_size)
