@@ -11,6 +11,7 @@ from tapdist.fl.aggregate import (
     all_reduce_round,
     finalize,
     pack,
+    sends_deltas,
     unpack,
 )
 
@@ -124,3 +125,17 @@ def test_errors_name_the_tensor():
         accumulate(buf, {"nope": torch.zeros(1)}, 1.0)
     with pytest.raises(ValueError, match=r"'x' has shape \(3, 2\)"):
         accumulate(buf, {"x": torch.zeros(3, 2)}, 1.0)
+
+
+def test_bf16_transport_sends_updates_so_small_steps_survive():
+    layout = FlatLayout.from_shapes({"norm.weight": (4,)})
+    old = {"norm.weight": torch.ones(4)}
+    upload = {"norm.weight": torch.full((4,), 1.002)}
+    assert sends_deltas("bf16") and not sends_deltas("fp64")
+    buf = RoundBuffer.zeros(layout, 1, 1)
+    accumulate(buf, upload, 30.0, reference=old)
+    all_reduce_round(_OneOfTwo(), buf, "bf16", "test")
+    new = finalize(buf, old, deltas=True)["norm.weight"]
+    assert (new - 1.002).abs().max().item() < 1e-5
+    # the weights themselves would not survive: 1.002 is 1.0 in bf16
+    assert torch.tensor(1.002).to(torch.bfloat16).item() == 1.0

@@ -48,6 +48,11 @@ BAD_INPUT = [
     (["{cfg}", "--set", "dist.launcher=slurm"], 1, ["dist.launcher = slurm", "SLURM_PROCID"]),
     (["{cfg}", "--set", "federation.clients=4"], 2, ["5 clients", "federation.clients = 4"]),
     (["{cfg}", "--set", "model.paths=[mod_task, sideways]"], 2, ["model.paths", "sideways"]),
+    (
+        ["{cfg}", "--set", "model.backbone=vilt", "--set", "data.text_len=64"],
+        2,
+        ["data.text_len = 64", "40 positions"],
+    ),
 ]
 
 

@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from tapdist.dist import LaunchError, detect_launch, resolve_backend, resolve_device
 from tapdist.dist.launch import Launch, _expand_counts, slurm_port
@@ -43,7 +44,9 @@ def test_torchrun_without_master_is_an_error():
 def test_srun_step():
     launch = detect_launch(env=SRUN)
     assert launch == Launch("slurm", 1, 3, 1, 3, "vm", slurm_port(SRUN))
-    assert launch.master_port == 20000 + 1234
+    assert launch.master_port == 20000 + 1234 * 97 % 20000
+    other_step = detect_launch(env=dict(SRUN, SLURM_STEP_ID="1"))
+    assert other_step.master_port != launch.master_port
 
 
 def test_srun_master_is_first_host_of_nodelist(monkeypatch):
@@ -60,7 +63,8 @@ def test_srun_master_is_first_host_of_nodelist(monkeypatch):
     monkeypatch.setattr("tapdist.dist.launch.subprocess.run", fake_run)
     env = dict(
         SRUN,
-        SLURM_JOB_NODELIST="gpu[007-008]",
+        SLURM_JOB_NODELIST="gpu[005-008]",
+        SLURM_STEP_NODELIST="gpu[007-008]",
         SLURM_NODEID="1",
         SLURM_PROCID="2",
         SLURM_LOCALID="0",
@@ -131,3 +135,19 @@ def test_more_local_ranks_than_gpus_fails(monkeypatch):
     with pytest.raises(DistError, match="4 ranks on this node but only 2 GPU"):
         resolve_device("cuda", launch)
     assert resolve_device("auto", Launch("torchrun", 1, 2, 1, 2, "h", 1)).index == 1
+    assert resolve_device("auto", launch).type == "cpu"  # auto falls back, with a warning
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 1)
+    bound = Launch("slurm", 3, 4, 3, 4, "h", 1)  # srun --gpus-per-task=1: one GPU per task
+    assert resolve_device("cuda", bound) == torch.device("cuda", 0)
+
+
+def test_mpirun_without_mpi4py_says_what_to_install(monkeypatch):
+    from tapdist.config import DistConfig
+    from tapdist.dist import init_context
+
+    def missing(launch):
+        raise ImportError("No module named 'mpi4py'")
+
+    monkeypatch.setattr("tapdist.dist.mpi_rendezvous_address", missing)
+    with pytest.raises(LaunchError, match=r"pip install 'tapdist\[mpi\]'.*MASTER_ADDR"):
+        init_context(DistConfig(device="cpu"), Launch("mpi", 0, 2, 0, 2))

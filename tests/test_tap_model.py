@@ -188,3 +188,16 @@ def test_explicit_sizes_override_the_preset():
     assert (model.bases[0].hidden, model.bases[0].heads) == (48, 4)
     assert len(model.encoders["text"].tower.tower.encoder.layer) == 3
     assert torch.isfinite(model.loss("vqa", batch_for(model, "vqa")))
+
+
+def test_hf_model_without_text_tasks_still_owns_its_frozen_layers():
+    from tapdist.models.backbone import load_backbone
+    from tapdist.models.tap import TapSettings, TaskSpec
+
+    backbone = load_backbone("hf", "tiny")
+    task = TaskSpec("objects", "image_cls", ("image",), ("general_object",), 10)
+    model = TapModel(backbone, [task], TapSettings())
+    owned = {id(p) for p in model.parameters()}
+    assert all(id(p) in owned for b in model.bases for p in b.fc1.parameters())
+    model.to(torch.float64)
+    assert model.bases[0].q.weight.dtype == torch.float64  # moves with the model

@@ -13,6 +13,7 @@ data:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from tapdist.config import ConfigError, DataConfig
@@ -41,6 +42,12 @@ def parse_tasks(data: DataConfig) -> list[TaskSpec]:
     for i, raw in enumerate(data.tasks):
         where = f"data.tasks[{i}]"
         _keys(where, raw, _TASK_KEYS, required={"name", "kind", "modalities", "domains"})
+        _name(f"{where}.name", raw["name"])
+        for key in ("modalities", "domains"):
+            if not isinstance(raw[key], list):
+                raise ConfigError(f"{where}.{key} = {raw[key]!r}: a list, e.g. [{raw[key]}]")
+        for domain in raw["domains"]:
+            _name(f"{where}.domains", domain)
         try:
             task = TaskSpec(
                 str(raw["name"]),
@@ -72,11 +79,22 @@ def parse_clients(data: DataConfig, tasks: list[TaskSpec]) -> list[ClientSpec]:
                 f"{where}.tasks = {names!r}: a non-empty list of task names "
                 f"from data.tasks ({', '.join(known)})"
             )
+        if len(set(names)) != len(names):
+            raise ConfigError(f"{where}.tasks = {names!r} lists a task twice")
         samples = raw["samples"]
         if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
             raise ConfigError(f"{where}.samples = {samples!r}: an integer >= 1")
         clients.append(ClientSpec(i, tuple(names), samples))
     return clients
+
+
+_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _name(where: str, value: object) -> None:
+    # names become parts of tensor names (heads.<task>., experts.<domain>.)
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
+        raise ConfigError(f"{where} = {value!r}: use letters, digits, '_' and '-' only")
 
 
 def _keys(where: str, raw: object, accepted: set[str], required: set[str]) -> None:

@@ -38,13 +38,15 @@ def make_task_data(
         data["text"], data["text_mask"] = torch.from_numpy(ids), torch.from_numpy(mask)
     if task.kind.endswith("_cls"):
         data["label"] = torch.from_numpy(label)
-    if task.kind == "text_gen":
+    if task.kind == "text_gen":  # answer: the text's first tokens, padded to answer_len
         source = (
             data["text"]
             if "text" in data
             else torch.from_numpy(rng.integers(RESERVED, vocab, (samples, answer_len)))
         )
-        answer = source[:, :answer_len].clone()
+        answer = torch.zeros(samples, answer_len, dtype=torch.long)
+        width = min(answer_len, source.shape[1])
+        answer[:, :width] = source[:, :width]
         answer[answer == 0] = -100  # padding does not count
         data["answer"] = answer
     local = [domains.index(d) for d in task.domains]

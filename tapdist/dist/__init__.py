@@ -33,25 +33,41 @@ def init_context(cfg: DistConfig, launch: Launch | None = None) -> DistContext:
     if backend == "mpi":
         return MpiContext(launch, device, cfg.timeout_s)
     addr, port = launch.master_addr, launch.master_port
-    if launch.launcher == "mpi":
-        addr, port = mpi_rendezvous_address(launch)
+    if launch.launcher == "mpi" and not (addr and port):
+        addr, port = _mpi_address(launch)
     return TorchContext.create(backend, launch, device, init_method=f"tcp://{addr}:{port}",
                                timeout_s=cfg.timeout_s, init_timeout_s=cfg.init_timeout_s)
 
 
 def resolve_device(choice: str, launch: Launch) -> torch.device:
-    """One rank per GPU: local rank i uses cuda:i. Fails when a node has too few GPUs."""
+    """One rank per GPU: local rank i uses cuda:i, or cuda:0 where Slurm bound one GPU to each
+    task (``srun --gpus-per-task=1``). Too few GPUs: an error for ``cuda``, the CPU for ``auto``.
+    """
     if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise DistError("dist.device = cuda but CUDA is not available on "
                         f"rank {launch.rank}; use dist.device=cpu or auto")
     gpus = torch.cuda.device_count()
-    if launch.local_world_size > gpus:
-        raise DistError(f"{launch.local_world_size} ranks on this node but only {gpus} GPU(s): "
-                        "one rank per GPU is required (NCCL cannot share a GPU between ranks); "
-                        f"start at most {gpus} ranks per node or set dist.device=cpu")
-    return torch.device("cuda", launch.local_rank)
+    if launch.local_world_size <= gpus:
+        return torch.device("cuda", launch.local_rank)
+    if gpus == 1 and launch.launcher == "slurm":
+        return torch.device("cuda", 0)  # each task sees its own GPU
+    problem = (f"{launch.local_world_size} ranks on this node but only {gpus} GPU(s), and ranks "
+               "cannot share a GPU")
+    if choice == "auto":
+        log.warning("%s: running on the CPU (set dist.device=cpu to silence this)", problem)
+        return torch.device("cpu")
+    raise DistError(f"{problem}; start at most {gpus} ranks per node or set dist.device=cpu")
+
+
+def _mpi_address(launch: Launch) -> tuple[str, int]:
+    try:
+        return mpi_rendezvous_address(launch)
+    except ImportError:
+        raise LaunchError("started by mpirun but mpi4py is not installed, so rank 0 cannot share "
+                          "its address: pip install 'tapdist[mpi]', or export MASTER_ADDR and "
+                          "MASTER_PORT to every rank") from None
 
 
 def resolve_backend(choice: str, device: torch.device) -> str:

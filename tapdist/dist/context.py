@@ -106,9 +106,10 @@ class SingleProcessContext(DistContext):
 class TorchContext(DistContext):
     """torch.distributed with the NCCL or gloo backend, on the default (world) group."""
 
-    def __init__(self, backend: str, launch: Launch, device: torch.device):
+    def __init__(self, backend: str, launch: Launch, device: torch.device, timeout_s: float):
         super().__init__(launch.rank, launch.world_size, launch.local_rank, device)
         self.backend, self.launcher = backend, launch.launcher
+        self.timeout = datetime.timedelta(seconds=timeout_s)
 
     @classmethod
     def create(cls, backend: str, launch: Launch, device: torch.device, *, init_method: str,
@@ -116,7 +117,7 @@ class TorchContext(DistContext):
         """Rendezvous through ``init_method`` (``tcp://host:port`` or ``file:///path``)."""
         import torch.distributed as dist
 
-        ctx = cls(backend, launch, device)
+        ctx = cls(backend, launch, device, timeout_s)
         started = time.monotonic()
         try:
             store = _make_store(init_method, launch, init_timeout_s)
@@ -133,18 +134,18 @@ class TorchContext(DistContext):
     def all_reduce(self, tensor: torch.Tensor, what: str) -> None:
         import torch.distributed as dist
 
-        self._run(what, lambda: dist.all_reduce(tensor, op=dist.ReduceOp.SUM))
+        self._run(what, lambda: dist.all_reduce(tensor, op=dist.ReduceOp.SUM, async_op=True))
 
     def broadcast(self, tensor: torch.Tensor, src: int, what: str) -> None:
         import torch.distributed as dist
 
-        self._run(what, lambda: dist.broadcast(tensor, src=src))
+        self._run(what, lambda: dist.broadcast(tensor, src=src, async_op=True))
 
     def barrier(self, what: str) -> None:
         import torch.distributed as dist
 
         kwargs = {"device_ids": [self.device.index]} if self.backend == "nccl" else {}
-        self._run(what, lambda: dist.barrier(**kwargs))
+        self._run(what, lambda: dist.barrier(async_op=True, **kwargs))
 
     def close(self) -> None:
         import torch.distributed as dist
@@ -153,9 +154,11 @@ class TorchContext(DistContext):
             dist.destroy_process_group()
 
     def _run(self, what: str, op: Any) -> None:
+        # Asynchronous launch plus a bounded wait: an NCCL collective would otherwise block in
+        # the next synchronisation until the watchdog kills the process, with no message.
         started = time.monotonic()
         try:
-            op()
+            op().wait(timeout=self.timeout)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
         except Exception as err:

@@ -135,13 +135,19 @@ def _expand_counts(spec: str) -> list[int]:
 
 
 def slurm_port(env: Mapping[str, str]) -> int:
-    """A rendezvous port every task of one job derives alike: 20000 + job id mod 20000."""
+    """A rendezvous port every task of one step derives alike, from the job and step ids, so
+    steps running side by side in one allocation do not meet at the same port."""
     job = env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID") or "0"
-    return 20000 + int(job) % 20000 if job.isdigit() else 29500
+    step = env.get("SLURM_STEP_ID", "0")
+    if not job.isdigit():
+        return 29500
+    return 20000 + (int(job) * 97 + (int(step) if step.isdigit() else 0)) % 20000
 
 
 def _first_host(env: Mapping[str, str]) -> str:
-    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or ""
+    # The step's nodes: a step may run on part of the allocation.
+    nodelist = (env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
+                or env.get("SLURM_NODELIST") or "")
     if not nodelist:
         return "127.0.0.1"
     if not any(c in nodelist for c in "[],"):
@@ -150,7 +156,7 @@ def _first_host(env: Mapping[str, str]) -> str:
         out = subprocess.run(["scontrol", "show", "hostnames", nodelist], check=True,
                              capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as err:
-        raise LaunchError(f"cannot expand SLURM_JOB_NODELIST={nodelist!r} with "
+        raise LaunchError(f"cannot expand the Slurm node list {nodelist!r} with "
                           f"`scontrol show hostnames` ({err}); export MASTER_ADDR to the "
                           "first node's address") from None
     return out.split()[0]

@@ -106,8 +106,11 @@ class RoundBuffer:
         return self.flat[self.layout.numel :]
 
 
-def accumulate(buf: RoundBuffer, state: State, weight: float) -> None:
-    """Add ``weight * state`` into ``buf`` for the tensors ``state`` holds (a client's upload)."""
+def accumulate(
+    buf: RoundBuffer, state: State, weight: float, reference: State | None = None
+) -> None:
+    """Add ``weight * state`` into ``buf`` for the tensors ``state`` holds (a client's upload);
+    with a ``reference`` (the round's global state), add ``weight * (state - reference)``."""
     layout = buf.layout
     for name, tensor in state.items():
         i = layout.index(name)
@@ -116,19 +119,23 @@ def accumulate(buf: RoundBuffer, state: State, weight: float) -> None:
                 f"'{name}' has shape {tuple(tensor.shape)}; the union layout "
                 f"expects {tuple(layout.shapes[i])}"
             )
-        buf.values[layout.span(name)].add_(
-            tensor.detach().reshape(-1).to(buf.flat.dtype), alpha=weight
-        )
+        value = tensor.detach().reshape(-1).to(buf.flat.dtype)
+        if reference is not None:
+            value = value - reference[name].detach().reshape(-1).to(buf.flat.dtype)
+        buf.values[layout.span(name)].add_(value, alpha=weight)
         buf.counts[i] += weight
 
 
-def finalize(buf: RoundBuffer, old: State) -> dict[str, torch.Tensor]:
-    """The averaged union state: value/count where count > 0, the old tensor elsewhere."""
+def finalize(buf: RoundBuffer, old: State, deltas: bool = False) -> dict[str, torch.Tensor]:
+    """The averaged union state: value/count where count > 0, the old tensor elsewhere.
+    With ``deltas`` the buffer holds weighted updates: old + value/count."""
     layout, new = buf.layout, {}
     counts = buf.counts.tolist()
     for i, name in enumerate(layout.names):
         if counts[i] > 0:
             avg = buf.values[layout.span(name)].view(layout.shapes[i]) / counts[i]
+            if deltas:
+                avg = old[name].to(avg.dtype) + avg
             new[name] = avg.to(old[name].dtype)
         else:
             new[name] = old[name]
@@ -146,6 +153,12 @@ def unpack(layout: FlatLayout, flat: torch.Tensor, like: State) -> dict[str, tor
         n: flat[layout.span(n)].view(s).to(like[n].dtype).clone()
         for n, s in zip(layout.names, layout.shapes)
     }
+
+
+def sends_deltas(transport_dtype: str) -> bool:
+    """bf16 carries updates (upload - global), not weights: bf16 cannot resolve a small update
+    on top of a weight near 1 (a LayerNorm scale of 1.0 + 2e-3 rounds back to 1.0)."""
+    return transport_dtype == "bf16"
 
 
 def accumulation_dtype(transport_dtype: str) -> torch.dtype:

@@ -26,6 +26,7 @@ from tapdist.fl.aggregate import (
     all_reduce_round,
     finalize,
     pack,
+    sends_deltas,
     unpack,
 )
 from tapdist.fl.algorithms import Algorithm
@@ -55,6 +56,7 @@ class RoundLoop:
         self.sizes = [c.num_samples for c in model.clients()]
         self.keys = {c: _checked_keys(model, self.layout, c) for c in range(len(self.sizes))}
         self.stat_names = (*algorithm.metric_names, "train_s")
+        self.deltas = sends_deltas(cfg.dist.transport_dtype)
         self.metrics_path = metrics_path if topology.is_server(ctx.rank) else None
 
     def run(self) -> State:
@@ -69,7 +71,7 @@ class RoundLoop:
             if self.metrics_path is not None:
                 with self.metrics_path.open("a") as out:
                     out.write(json.dumps(record) + "\n")
-                log.info(_summary(record, rounds))
+                log.info(_summary(record, rounds, self.stat_names[0]))
         return state
 
     def initial_state(self) -> State:
@@ -100,7 +102,7 @@ class RoundLoop:
         sent = all_reduce_round(
             self.ctx, buf, self.cfg.dist.transport_dtype, f"round {r} aggregation all_reduce"
         )
-        new_state = finalize(buf, state)
+        new_state = finalize(buf, state, self.deltas)
         done = time.perf_counter()
         record = self._record(r, sampled, buf, sent, (started, trained, done))
         return new_state, record
@@ -114,7 +116,8 @@ class RoundLoop:
         update = self.algorithm.client_round(client, global_sub, r, generator)
         if set(update.upload) != set(self.keys[client]):
             raise RuntimeError(_key_mismatch(client, self.keys[client], update.upload))
-        accumulate(buf, update.upload, weight=float(self.sizes[client]))
+        reference = state if self.deltas else None
+        accumulate(buf, update.upload, float(self.sizes[client]), reference)
         values = [float(update.metrics[n]) for n in self.algorithm.metric_names]
         values.append(time.perf_counter() - started)
         buf.stats[slot] = torch.tensor(values, dtype=buf.flat.dtype)
@@ -167,13 +170,13 @@ def _key_mismatch(client: int, expected: Sequence[str], got: dict) -> str:
     return f"client {client} uploaded the wrong tensors: missing {missing}, unexpected {extra}"
 
 
-def _summary(record: dict, rounds: int) -> str:
+def _summary(record: dict, rounds: int, metric: str) -> str:
     clients = record["clients"].values()
-    loss = sum(c["loss"] * c["samples"] for c in clients) / sum(c["samples"] for c in clients)
+    mean = sum(c[metric] * c["samples"] for c in clients) / sum(c["samples"] for c in clients)
     sec = record["seconds"]
     return (
         f"round {record['round'] + 1}/{rounds}: clients {record['sampled']}, "
-        f"loss {loss:.4f}, {sec['round']:.2f}s (train {sec['train_here']:.2f}s, "
+        f"{metric} {mean:.4f}, {sec['round']:.2f}s (train {sec['train_here']:.2f}s, "
         f"aggregate {sec['aggregate']:.3f}s, sent {_size(record['bytes_sent_per_rank'])})"
     )
 

@@ -79,22 +79,31 @@ class TapFederation:
         self.specs = parse_clients(cfg.data, tasks)
         self._initial = self.model.get_state()
         self._keys = [self.model.client_names(c.tasks) for c in self.specs]
-        vocab = self.model.heads_vocab()
-        self._data = [
-            {
+        self._data: dict[int, dict] = {}  # built on first use: a rank needs only its clients
+        limit = self.model.max_text_len
+        if cfg.data.text_len > limit and any("text" in t.modalities for t in tasks):
+            raise ConfigError(
+                f"data.text_len = {cfg.data.text_len} exceeds the text encoder's "
+                f"{limit} positions; accepted: 2..{limit}"
+            )
+
+    def client_data(self, client: int) -> dict[str, dict[str, torch.Tensor]]:
+        """The client's samples per task, generated from (seed, client, task) on first use."""
+        if client not in self._data:
+            c, cfg = self.specs[client], self.cfg
+            self._data[client] = {
                 t: make_task_data(
                     self.model.tasks[t],
                     c.samples,
                     cfg.data.text_len,
-                    vocab,
+                    self.model.heads_vocab(),
                     cfg.model.answer_len,
                     self.model.domains,
                     (cfg.run.seed, c.id, i),
                 )
                 for i, t in enumerate(c.tasks)
             }
-            for c in self.specs
-        ]
+        return self._data[client]
 
     def clients(self) -> list[ClientInfo]:
         return [ClientInfo(c.id, c.samples * len(c.tasks), "+".join(c.tasks)) for c in self.specs]
@@ -110,7 +119,12 @@ class TapFederation:
 
     def local_train(self, client: int, state, generator: torch.Generator):
         return train_locally(
-            self.model, self._keys[client], state, self._data[client], self.cfg.train, generator
+            self.model,
+            self._keys[client],
+            state,
+            self.client_data(client),
+            self.cfg.train,
+            generator,
         )
 
 
