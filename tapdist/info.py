@@ -49,7 +49,8 @@ def model_info(cfg: Config) -> str:
     union_bytes = n_train + len(trainable)
     lines += [
         "",
-        f"all_reduce buffer per rank per round: {_mb(8 * union_bytes)} (fp64), "
+        f"all_reduce buffer per rank per round, at most (a round sends only the tensors its "
+        f"clients hold): {_mb(8 * union_bytes)} (fp64), "
         f"{_mb(4 * union_bytes)} (fp32), {_mb(2 * n_train + 4 * len(trainable))} (bf16)",
     ]
     return "\n".join(lines)

@@ -139,3 +139,26 @@ def test_bf16_transport_sends_updates_so_small_steps_survive():
     assert (new - 1.002).abs().max().item() < 1e-5
     # the weights themselves would not survive: 1.002 is 1.0 in bf16
     assert torch.tensor(1.002).to(torch.bfloat16).item() == 1.0
+
+
+def test_a_round_restricted_to_its_clients_tensors_gives_the_same_state():
+    gen = torch.Generator().manual_seed(3)
+    shapes = {"a": (3, 2), "b": (4,), "c": (2, 2), "d": (5,)}
+    full = FlatLayout.from_shapes(shapes)
+    old = {n: torch.randn(s, generator=gen) for n, s in shapes.items()}
+    uploads = [
+        (7, {"a": torch.randn(3, 2, generator=gen), "c": torch.randn(2, 2, generator=gen)}),
+        (2, {"c": torch.randn(2, 2, generator=gen)}),
+    ]
+    active = full.restrict({"c", "a"})
+    assert active.names == ("a", "c") and active.numel == 10  # union order kept
+    results = []
+    for layout in (full, active):
+        buf = RoundBuffer.zeros(layout, 2, 1, dtype=torch.float64)
+        for weight, state in uploads:
+            accumulate(buf, state, weight)
+        updated = finalize(buf, {n: old[n] for n in layout.names})
+        results.append({n: updated.get(n, old[n]) for n in shapes})
+    assert all(torch.equal(results[0][n], results[1][n]) for n in shapes)
+    with pytest.raises(KeyError, match="not tensors of the union model"):
+        full.restrict({"zzz"})

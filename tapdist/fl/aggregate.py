@@ -49,6 +49,13 @@ class FlatLayout:
     def __len__(self) -> int:
         return len(self.names)
 
+    def restrict(self, names: set[str] | frozenset[str]) -> FlatLayout:
+        """The layout of just ``names``, in this layout's order (a round's active tensors)."""
+        unknown = set(names) - set(self.names)
+        if unknown:
+            raise KeyError(f"not tensors of the union model: {sorted(unknown)}")
+        return FlatLayout.from_shapes({n: s for n, s in zip(self.names, self.shapes) if n in names})
+
     def __contains__(self, name: object) -> bool:
         return name in self._index
 

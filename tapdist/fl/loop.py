@@ -88,8 +88,10 @@ class RoundLoop:
         started = time.perf_counter()
         fed = self.cfg.federation
         sampled = sample_clients(self.cfg.run.seed, r, len(self.sizes), fed.clients_per_round)
+        # Only tensors some sampled client holds can change; every rank derives the same set.
+        layout = self.layout.restrict({k for c in sampled for k in self.keys[c]})
         buf = RoundBuffer.zeros(
-            self.layout,
+            layout,
             len(sampled),
             len(self.stat_names),
             self.ctx.device,
@@ -102,7 +104,8 @@ class RoundLoop:
         sent = all_reduce_round(
             self.ctx, buf, self.cfg.dist.transport_dtype, f"round {r} aggregation all_reduce"
         )
-        new_state = finalize(buf, state, self.deltas)
+        updated = finalize(buf, {n: state[n] for n in layout.names}, self.deltas)
+        new_state = {n: updated.get(n, state[n]) for n in state}
         done = time.perf_counter()
         record = self._record(r, sampled, buf, sent, (started, trained, done))
         return new_state, record
