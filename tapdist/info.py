@@ -62,9 +62,7 @@ def _frozen_used(model: TapModel, tasks) -> int:
     modalities = {m for t in tasks for m in model.tasks[t].modalities}
     seen = {}
     modules = [model.encoders[m] for m in modalities]
-    modules += [
-        mod for b in model.bases for mod in (b.ln1, b.q, b.k, b.v, b.o, b.ln2, b.fc1, b.fc2)
-    ]
+    modules += [mod for b in model.bases for mod in b.modules()]
     for module in modules:
         for p in module.parameters():
             if not p.requires_grad:

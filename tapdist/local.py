@@ -36,13 +36,15 @@ def train_locally(
     optimizer = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=0.01)
     torch.manual_seed(generator.initial_seed())  # dropout draws from the global generator
     sizes = {task: len(fields["domain"]) for task, fields in data.items()}
+    total = sum(sizes.values())
+    shares = {task: size / total for task, size in sizes.items()}
     device = trained[0].device
     model.train()
     losses = []
     for _ in range(cfg.local_steps):
         optimizer.zero_grad(set_to_none=True)
         for _ in range(cfg.accumulation):
-            losses.append(_micro_batch(model, data, sizes, cfg, generator, device))
+            losses.append(_micro_batch(model, data, shares, cfg, generator, device))
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optimizer.step()
     return model.get_state(names), {"loss": sum(losses) / len(losses)}
@@ -51,18 +53,17 @@ def train_locally(
 def _micro_batch(
     model: TapModel,
     data: Data,
-    sizes: dict[str, int],
+    shares: dict[str, float],
     cfg: TrainConfig,
     generator: torch.Generator,
     device: torch.device,
 ) -> float:
     """Backward of one micro-batch's loss (scaled for accumulation); returns its value."""
-    total = sum(sizes.values())
     value = 0.0
     for task, fields in data.items():
-        share = sizes[task] / total
+        share = shares[task]
         take = max(1, round(cfg.batch_size * share))
-        rows = torch.randint(sizes[task], (take,), generator=generator)
+        rows = torch.randint(len(fields["domain"]), (take,), generator=generator)
         batch = model_inputs({k: v[rows] for k, v in fields.items()}, device)
         loss = model.loss(task, batch) * share
         (loss / cfg.accumulation).backward()

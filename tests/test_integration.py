@@ -85,16 +85,33 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
     assert {k: ours_cfg[k] for k in same} == {k: their_cfg[k] for k in same}
 
 
-def test_torchrun_matches_single_process(reference, tmp_path):
-    torchrun = [
+def torchrun_train() -> list[str]:
+    """`torchrun --nproc_per_node=3 -m tapdist train SMOKE` on a free port."""
+    return [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--nproc_per_node=3",
         "--master_addr=127.0.0.1",
         f"--master_port={free_port()}",
+        *TRAIN[1:],
     ]
-    assert_same_run(run(torchrun + TRAIN[1:], tmp_path / "run"), reference)
+
+
+def mpiexec_train() -> list[str]:
+    """`mpiexec -n 3 python -m tapdist train SMOKE`, or skip (fail in CI) without MPI."""
+    mpiexec = venv_tool("mpiexec")
+    if mpiexec is None:
+        unavailable("mpiexec not found: pip install 'tapdist[mpi-wheel]'")
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        unavailable("mpi4py not installed: pip install 'tapdist[mpi-wheel]'")
+    return [mpiexec, "-n", "3", sys.executable, *TRAIN]
+
+
+def test_torchrun_matches_single_process(reference, tmp_path):
+    assert_same_run(run(torchrun_train(), tmp_path / "run"), reference)
     ranks = {
         c["rank"]
         for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
@@ -105,14 +122,7 @@ def test_torchrun_matches_single_process(reference, tmp_path):
 
 @pytest.mark.parametrize("backend", ["gloo", "mpi"])
 def test_mpiexec_matches_single_process(reference, tmp_path, backend):
-    mpiexec = venv_tool("mpiexec")
-    if mpiexec is None:
-        unavailable("mpiexec not found: pip install 'tapdist[mpi-wheel]'")
-    try:
-        import mpi4py  # noqa: F401
-    except ImportError:
-        unavailable("mpi4py not installed: pip install 'tapdist[mpi-wheel]'")
-    cmd = [mpiexec, "-n", "3", sys.executable, *TRAIN]
+    cmd = mpiexec_train()
     assert_same_run(run(cmd, tmp_path / "run", "--set", f"dist.backend={backend}"), reference)
 
 
@@ -158,20 +168,7 @@ def test_sbatch_template_runs_the_same_federation(reference, tmp_path, slurm_clu
 
 @pytest.mark.parametrize("launcher", ["torchrun", "mpiexec"])
 def test_a_failing_rank_ends_the_job_quickly_and_says_why(tmp_path, launcher):
-    if launcher == "torchrun":
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node=3",
-            "--master_addr=127.0.0.1",
-            f"--master_port={free_port()}",
-            *TRAIN[1:],
-        ]
-    else:
-        if venv_tool("mpiexec") is None:
-            unavailable("mpiexec not found: pip install 'tapdist[mpi-wheel]'")
-        cmd = [venv_tool("mpiexec"), "-n", "3", sys.executable, *TRAIN]
+    cmd = torchrun_train() if launcher == "torchrun" else mpiexec_train()
     plugin = [
         "--set",
         f"run.plugins=[{FAILING_PLUGIN}]",

@@ -22,7 +22,7 @@ def model(request) -> TapModel:
 
 
 def batch_for(model: TapModel, task: str, n: int = 4, seed: int = 0) -> dict:
-    data = make_task_data(model.tasks[task], n, 12, model.heads_vocab(), 4, model.domains, (seed,))
+    data = make_task_data(model.tasks[task], n, 12, model.vocab_size, 4, model.domains, (seed,))
     return model_inputs(data, torch.device("cpu"))
 
 
@@ -158,7 +158,7 @@ def test_hf_backbone_and_tokenizer_load_from_local_directories(tmp_path):
         f"model.tokenizer={tmp_path / 'tok'}",
     ]
     model = build_union_model(load_config(SMOKE_CONFIG, overrides))
-    assert model.heads["vqa"].lm_head.out_features == vocab == model.heads_vocab()
+    assert model.heads["vqa"].lm_head.out_features == vocab == model.vocab_size
     assert torch.isfinite(model.loss("vqa", batch_for(model, "vqa")))
     BertModel(BertConfig(**TINY, vocab_size=20)).save_pretrained(tmp_path / "small")
     overrides[2] = f"model.text_encoder={tmp_path / 'small'}"

@@ -96,7 +96,7 @@ class TapFederation:
                     self.model.tasks[t],
                     c.samples,
                     cfg.data.text_len,
-                    self.model.heads_vocab(),
+                    self.model.vocab_size,
                     cfg.model.answer_len,
                     self.model.domains,
                     (cfg.run.seed, c.id, i),

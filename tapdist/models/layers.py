@@ -37,6 +37,10 @@ class LayerBase:
     def hidden(self) -> int:
         return self.q.in_features
 
+    def modules(self) -> list[nn.Module]:
+        """The frozen modules themselves (the activation has no weights)."""
+        return [self.ln1, self.q, self.k, self.v, self.o, self.ln2, self.fc1, self.fc2]
+
 
 class LoRA(nn.Module):
     """The low-rank update ``(alpha / r) * B A x``; B starts at zero, so training starts at W x."""

@@ -156,13 +156,13 @@ class TapModel(nn.Module):
                 f"transformer; layers_per_block = {n} needs {2 * n}"
             )
         hidden = backbone.hidden
-        self._vocab = backbone.vocab_size
+        self.vocab_size = backbone.vocab_size  # token ids the model reads and writes
         self.max_text_len = backbone.max_text_len
         if backbone.fusion_in_towers:  # the text encoder's top layers, registered there...
             bases = backbone.bases[len(backbone.bases) - 2 * n :]
             # ...unless no task reads text: then register the frozen modules the layers use
             self.fusion = nn.ModuleList(
-                [] if "text" in modalities else [nn.ModuleList(_base_modules(b)) for b in bases]
+                [] if "text" in modalities else [nn.ModuleList(b.modules()) for b in bases]
             )
         else:  # registered once, only the 2n layers in use; every block and expert shares them
             bases = backbone.bases[: 2 * n]
@@ -204,10 +204,6 @@ class TapModel(nn.Module):
         return TextGenerationHead(
             backbone.hidden, backbone.heads, backbone.vocab_size, self.settings.answer_len
         )
-
-    def heads_vocab(self) -> int:
-        """Token ids the model reads and writes: the text encoder's vocabulary."""
-        return self._vocab
 
     # --- forward ------------------------------------------------------------------------------
 
@@ -294,10 +290,6 @@ class TapModel(nn.Module):
             for d in domains:
                 out |= {f"{base}mode_q.experts.{d}.", f"{base}mode_v.experts.{d}."}
         return out
-
-
-def _base_modules(base) -> list[nn.Module]:
-    return [base.ln1, base.q, base.k, base.v, base.o, base.ln2, base.fc1, base.fc2]
 
 
 def _expert_grid(bases, keys: set[tuple[str, str]], lora: LoraSpec) -> nn.ModuleList:
