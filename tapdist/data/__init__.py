@@ -1,1 +1,5 @@
-"""Federation data: task and client specs, and the samples each client trains on."""
+"""Federation data: task and client specs, HDF5 federation files, and their builders."""
+
+
+class DataError(ValueError):
+    """A data file or data spec is missing, malformed, or does not match the config."""

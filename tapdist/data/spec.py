@@ -20,16 +20,17 @@ from tapdist.config import ConfigError, DataConfig
 from tapdist.models.tap import TaskSpec
 
 _TASK_KEYS = {"name", "kind", "modalities", "domains", "classes"}
-_CLIENT_KEYS = {"tasks", "samples"}
+_CLIENT_KEYS = {"tasks", "samples", "test"}
 
 
 @dataclass(frozen=True)
 class ClientSpec:
-    """A client: the tasks it trains and its training samples per task."""
+    """A client: the tasks it trains, its training and held-out samples per task."""
 
     id: int
     tasks: tuple[str, ...]
     samples: int
+    test: int
 
 
 def parse_tasks(data: DataConfig) -> list[TaskSpec]:
@@ -81,11 +82,16 @@ def parse_clients(data: DataConfig, tasks: list[TaskSpec]) -> list[ClientSpec]:
             )
         if len(set(names)) != len(names):
             raise ConfigError(f"{where}.tasks = {names!r} lists a task twice")
-        samples = raw["samples"]
-        if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
-            raise ConfigError(f"{where}.samples = {samples!r}: an integer >= 1")
-        clients.append(ClientSpec(i, tuple(names), samples))
+        samples = _count(f"{where}.samples", raw["samples"])
+        test = _count(f"{where}.test", raw.get("test", max(8, samples // 4)))
+        clients.append(ClientSpec(i, tuple(names), samples, test))
     return clients
+
+
+def _count(where: str, value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{where} = {value!r}: an integer >= 1")
+    return value
 
 
 _NAME = re.compile(r"[A-Za-z0-9_-]+")
