@@ -48,31 +48,57 @@ def save_state(
     path: str | os.PathLike, state: Mapping[str, torch.Tensor], attrs: Mapping[str, object] = ()
 ) -> None:
     """Write ``state`` to HDF5 at ``path`` atomically; ``attrs`` go on the root group."""
-    for name in state:
-        if "/" in name:
-            raise ValueError(f"tensor name '{name}' contains '/', which HDF5 reads as a group")
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
         for key, value in dict(attrs).items():
             h5.attrs[key] = value
-        for name, tensor in state.items():
-            data = tensor.detach().cpu().contiguous()
-            if data.dtype == torch.bfloat16:
-                ds = h5.create_dataset(name, data=data.view(torch.uint16).numpy())
-            else:
-                ds = h5.create_dataset(name, data=data.numpy())
-            ds.attrs[_DTYPE_ATTR] = str(data.dtype).removeprefix("torch.")
+        _write_state(h5, state)
+
+
+def save_states(
+    path: str | os.PathLike,
+    states: Mapping[str, Mapping[str, torch.Tensor]],
+    attrs: Mapping[str, object] = (),
+) -> None:
+    """Write several states to one HDF5 file atomically, one group per key of ``states``."""
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
+        for key, value in dict(attrs).items():
+            h5.attrs[key] = value
+        for group, state in states.items():
+            _write_state(h5.create_group(group), state)
+
+
+def load_states(path: str | os.PathLike) -> dict[str, dict[str, torch.Tensor]]:
+    """Read the states of a file written by :func:`save_states`: group -> state."""
+    with h5py.File(path, "r") as h5:
+        return {name: _read_state(group) for name, group in h5.items()}
 
 
 def load_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a state written by :func:`save_state`, bit for bit."""
-    state = {}
     with h5py.File(path, "r") as h5:
-        for name, ds in h5.items():
-            array = np.asarray(ds[()])
-            tensor = torch.from_numpy(array)
-            if ds.attrs.get(_DTYPE_ATTR) == "bfloat16":
-                tensor = tensor.view(torch.bfloat16)
-            state[name] = tensor
+        return _read_state(h5)
+
+
+def _write_state(group: h5py.Group, state: Mapping[str, torch.Tensor]) -> None:
+    for name in state:
+        if "/" in name:
+            raise ValueError(f"tensor name '{name}' contains '/', which HDF5 reads as a group")
+    for name, tensor in state.items():
+        data = tensor.detach().cpu().contiguous()
+        if data.dtype == torch.bfloat16:
+            ds = group.create_dataset(name, data=data.view(torch.uint16).numpy())
+        else:
+            ds = group.create_dataset(name, data=data.numpy())
+        ds.attrs[_DTYPE_ATTR] = str(data.dtype).removeprefix("torch.")
+
+
+def _read_state(group: h5py.Group) -> dict[str, torch.Tensor]:
+    state = {}
+    for name, ds in group.items():
+        tensor = torch.from_numpy(np.asarray(ds[()]))
+        if ds.attrs.get(_DTYPE_ATTR) == "bfloat16":
+            tensor = tensor.view(torch.bfloat16)
+        state[name] = tensor
     return state
 
 

@@ -1,4 +1,4 @@
-"""Command line: `tapdist train|config|models`."""
+"""Command line: `tapdist train|demo|data|config|model-info|models`."""
 
 from __future__ import annotations
 
@@ -57,6 +57,25 @@ def _parser() -> argparse.ArgumentParser:
     _config_args(info)
     info.set_defaults(func=_model_info)
 
+    demo = sub.add_parser(
+        "demo",
+        help="TAP vs baselines on shipped real data, 3 local processes (builds its data once)",
+    )
+    demo.add_argument("--run-dir", type=Path, help="output folder (default: runs/demo)")
+    demo.add_argument("--processes", type=int, default=3, help="local processes (default 3)")
+    demo.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE"
+    )
+    demo.add_argument("--rebuild", action="store_true", help="rebuild the federation file")
+    demo.set_defaults(func=_demo)
+
+    data = sub.add_parser("data", help="federation data files")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    build = data_sub.add_parser("build", help="build an HDF5 federation file from a spec")
+    build.add_argument("spec", type=Path, help="YAML build spec (see docs/data.md)")
+    build.add_argument("--out", type=Path, required=True, help="federation file to write")
+    build.set_defaults(func=_data_build)
+
     models = sub.add_parser("models", help="list registered models and algorithms")
     models.add_argument("--plugin", action="append", default=[], help="module or .py to import")
     models.set_defaults(func=_models)
@@ -80,6 +99,20 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     train(cfg, args.run_dir or cfg.run_dir)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from tapdist.demo import demo
+
+    return demo(args.run_dir, args.processes, args.overrides, args.rebuild)
+
+
+def _data_build(args: argparse.Namespace) -> int:
+    from tapdist.data.build import build_federation
+
+    meta = build_federation(args.spec, args.out)
+    print(f"{args.out}: {len(meta.clients)} clients, {len(meta.tasks)} tasks")
     return 0
 
 

@@ -110,7 +110,14 @@ class ModelConfig:
 class FederationConfig:
     """The federation: clients, rounds, sampling and the FL algorithm."""
 
-    algorithm: str = option("fedavg", "registered FL algorithm (see `tapdist models`)")
+    algorithm: str = option(
+        "tap", "registered FL algorithm (see `tapdist models`): tap, fedavg, local, disentafl"
+    )
+    baselines: list = option(
+        [],
+        "further algorithms run after the main one in the same job, from the same initial "
+        "state and data, so results.json compares them side by side (e.g. [local, disentafl])",
+    )
     clients: int = option(10, "number of clients in the federation", min=1)
     clients_per_round: int = option(2, "clients sampled each round", min=1)
     rounds: int = option(10, "number of federated rounds", min=0)
@@ -118,17 +125,64 @@ class FederationConfig:
 
 @dataclass
 class TrainConfig:
-    """Local training of one client in one round."""
+    """Local training of one model instance on one client: a fixed number of micro-batches per
+    round for every client (a small dataset is cycled), AdamW, gradient clipping, a fresh
+    optimizer every round, and a learning rate warmed up over the rounds."""
 
-    local_steps: int = option(20, "optimizer steps per client per round", min=1)
+    local_steps: int = option(20, "optimizer steps per model per client-round", min=1)
     accumulation: int = option(1, "micro-batches accumulated per optimizer step", min=1)
     batch_size: int = option(32, "samples per micro-batch", min=1)
-    lr: float = option(1e-3, "learning rate", min=0.0)
+    lr: float = option(3e-4, "peak learning rate, reached after warmup_rounds", min=0.0)
+    min_lr: float = option(
+        1e-4, "learning rate of round 0 and of post-FL fine-tuning and distillation", min=0.0
+    )
+    warmup_rounds: int = option(
+        20, "rounds over which the learning rate rises linearly from min_lr to lr", min=0
+    )
+    weight_decay: float = option(0.01, "AdamW weight decay", min=0.0)
+    clip_norm: float = option(1.0, "gradient-norm clip per optimizer step (0: none)", min=0.0)
+    amp: str = option(
+        "auto",
+        "mixed precision: auto = bf16 autocast on CUDA and none on CPU; bf16 forces it",
+        choices=("auto", "bf16", "off"),
+    )
+    eval_batch_size: int = option(64, "samples per evaluation batch", min=1)
 
 
 @dataclass
 class TapConfig:
-    """TAP's replacement and distillation settings (filled in with the TAP algorithm)."""
+    """TAP: replacement margins (stage 1), local fine-tuning and distillation (stage 2)."""
+
+    margin_image_cls: float = option(0.01, "replacement margin of image classification tasks")
+    margin_text_cls: float = option(0.005, "replacement margin of text classification tasks")
+    margin_image_gen: float = option(0.005, "replacement margin of image generation tasks")
+    margin_text_gen: float = option(0.01, "replacement margin of text generation tasks")
+    replacement_rule: str = option(
+        "same_round",
+        "same_round: score the trained global copy and the personal model on the same local "
+        "batches of this round; stale: this round's global training loss against the personal "
+        "model's training loss from the last round it trained",
+        choices=("same_round", "stale"),
+    )
+    compare_batches: int = option(
+        4, "micro-batches both models are scored on under the same_round rule", min=1
+    )
+    finetune_steps: int = option(
+        50, "stage 2 micro-batches: teacher fine-tuning, then student distillation", min=0
+    )
+    kd_temperature: float = option(1.0, "distillation temperature T", min=0.01)
+    kd_image_cls: float = option(2e-3, "distillation weight of image classification tasks", min=0.0)
+    kd_text_cls: float = option(1.0, "distillation weight of text classification tasks", min=0.0)
+    kd_image_gen: float = option(2e-3, "distillation weight of image generation tasks", min=0.0)
+    kd_text_gen: float = option(2e-3, "distillation weight of text generation tasks", min=0.0)
+    ablations: list = option(
+        [],
+        "stage-2 variants evaluated beside TAP: no_distillation (the student fine-tuned on its "
+        "task loss alone), double_finetune (the same with twice the micro-batches)",
+    )
+    disentafl_weight: float = option(
+        0.5, "DisentAFL: weight of the orthogonality loss between mod-task latents", min=0.0
+    )
 
 
 @dataclass
@@ -137,16 +191,25 @@ class DataConfig:
 
     source: str = option(
         "synthetic",
-        "sample source; synthetic generates learnable random samples per task",
-        choices=("synthetic",),
+        "synthetic: learnable samples generated from the seed for the tasks and clients below; "
+        "hdf5: a federation file built by `tapdist data build` (data.path)",
+        choices=("synthetic", "hdf5"),
+    )
+    path: str = option(
+        "", "hdf5: the federation file (a relative path is read from the config file's folder)"
     )
     tasks: list = option(
-        [], "tasks: mappings with name, kind, modalities, domains, classes", items=dict
+        [],
+        "synthetic: mappings with name, kind, modalities, domains, classes (hdf5: from the file)",
+        items=dict,
     )
     clients: list = option(
-        [], "clients: mappings with tasks (names) and samples (per task)", items=dict
+        [],
+        "synthetic: mappings with tasks (names), samples (training samples per task) and test "
+        "(held-out samples per task, default max(8, samples // 4)); hdf5: from the file",
+        items=dict,
     )
-    text_len: int = option(16, "tokens per text input", min=2)
+    text_len: int = option(16, "tokens per text input (synthetic; hdf5: from the file)", min=2)
 
 
 @dataclass
@@ -270,10 +333,11 @@ def describe() -> str:
     ]
     for sec in sections():
         cls = _kind(sec)
-        lines.append(f"{sec.name}:  # {cls.__doc__.strip()}")
+        doc = " ".join(cls.__doc__.split())  # one comment line
+        lines.append(f"{sec.name}:  # {doc}")
         fields = dataclasses.fields(cls)
         if not fields:
-            lines[-1] = f"{sec.name}: {{}}  # {cls.__doc__.strip()}"
+            lines[-1] = f"{sec.name}: {{}}  # {doc}"
         for f in fields:
             default = yaml.safe_dump(_default(f), default_flow_style=True).strip()
             default = default.removesuffix("\n...").removesuffix("...").strip()
@@ -351,6 +415,8 @@ def _check(section: str, f: dataclasses.Field, value: Any) -> Any:
         origin = f" (from --set {section}.{f.name}={value.text})"
         value = value.text if _kind(f) is str and not isinstance(value.value, str) else value.value
     kind = _kind(f)
+    if kind is float and isinstance(value, str):
+        value = _yaml_float(value)
     ok = {
         bool: lambda v: isinstance(v, bool),
         int: lambda v: isinstance(v, int) and not isinstance(v, bool),
@@ -369,6 +435,14 @@ def _check(section: str, f: dataclasses.Field, value: Any) -> Any:
             f"bad value for '{section}.{f.name}': {value!r}{origin}; accepted: {_accepted(f)}"
         )
     return float(value) if kind is float else value
+
+
+def _yaml_float(text: str) -> float | str:
+    """YAML 1.1 reads 3e-4 (no dot) as a string; a float key takes it as the number it is."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def _accepted(f: dataclasses.Field) -> str:

@@ -7,23 +7,33 @@ import sys
 import traceback
 
 from tapdist.config import ConfigError
+from tapdist.data import DataError
 from tapdist.dist import DistError, LaunchError
 from tapdist.fl.topology import TopologyError
 from tapdist.registry import RegistryError
+from tapdist.resources import ResourceError
 
 #: Errors caused by the config, the launch environment or the cluster, not by a bug.
-USER_ERRORS = (ConfigError, DistError, LaunchError, TopologyError, RegistryError)
+USER_ERRORS = (
+    ConfigError,
+    DataError,
+    ResourceError,
+    DistError,
+    LaunchError,
+    TopologyError,
+    RegistryError,
+)
 
 
 def exit_code(err: BaseException) -> int:
-    return 2 if isinstance(err, ConfigError) else 1
+    return 2 if isinstance(err, (ConfigError, DataError, ResourceError)) else 1
 
 
 def report(err: BaseException, rank: int | None = None) -> None:
     """Print ``err`` to stderr: its message if it is a user error, else the full traceback."""
     where = f" (rank {rank})" if rank is not None else ""
     if isinstance(err, USER_ERRORS):
-        kind = "config error" if isinstance(err, ConfigError) else "error"
+        kind = {ConfigError: "config error", DataError: "data error"}.get(type(err), "error")
         print(f"tapdist{where}: {kind}: {err}", file=sys.stderr)
     else:
         print(f"tapdist{where}: unexpected error", file=sys.stderr)

@@ -1,74 +1,172 @@
-"""Local training of one model instance on one client's data.
+"""Local training of one model instance (a trainable state) on one client's data.
 
-Micro-batches mix the client's tasks in proportion to their data: the loss is the sum over tasks
-of (share of the batch) x task loss. AdamW (weight decay 0.01), gradient clipping at 1.0, and a
-fresh optimizer every round, as TAP prescribes.
+A client-round runs a fixed number of micro-batches for every client, whatever its data size (a
+small dataset is cycled). The plan of a round, which rows of which task each micro-batch holds, is
+drawn up front from the round's generator as index tensors: every task contributes its share of
+the batch (by data size), and each task's rows are ordered by domain so MoDE routes contiguous
+groups. The loss of a micro-batch is the sum over tasks of (share x task loss), plus optional
+extra terms (distillation, DisentAFL's orthogonality loss). AdamW with a fresh state every round,
+gradient-norm clipping, bf16 autocast on CUDA.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 
 from tapdist.config import TrainConfig
 from tapdist.models.tap import TapModel
 
-Data = Mapping[str, Mapping[str, torch.Tensor]]  # task -> field -> tensor (first dim: samples)
+Fields = Mapping[str, torch.Tensor]  # field -> tensor (first dim: samples)
+Data = Mapping[str, Fields]  # task -> fields
+#: extra(task, batch, head_output, paths, micro_batch_index) -> loss term added to the task's
+Extra = Callable[[str, Mapping[str, torch.Tensor], torch.Tensor, torch.Tensor, int], torch.Tensor]
+#: joint(paths per task of one micro-batch) -> loss term added once per micro-batch
+Joint = Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
 
 
-def train_locally(
-    model: TapModel,
-    names: list[str],
-    state: Mapping[str, torch.Tensor],
-    data: Data,
-    cfg: TrainConfig,
-    generator: torch.Generator,
-) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """Load ``state`` (exactly ``names``), train ``cfg.local_steps`` steps, return the new state.
+@dataclass(frozen=True)
+class Plan:
+    """Rows of each task for every micro-batch: ``rows[task]`` is (micro-batches, take)."""
 
-    All randomness (batches, dropout) derives from ``generator``, so the result does not depend
-    on which process trains the client.
-    """
-    model.load_state(state, names)
-    params = dict(model.named_parameters())
-    trained = [params[n] for n in names]
-    optimizer = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=0.01)
-    torch.manual_seed(generator.initial_seed())  # dropout draws from the global generator
+    rows: dict[str, torch.Tensor]
+    shares: dict[str, float]
+
+    @property
+    def length(self) -> int:
+        return next(iter(self.rows.values())).shape[0]
+
+    def batch(self, data: Data, task: str, index: int, device: torch.device) -> dict:
+        rows = self.rows[task][index]
+        return model_inputs({k: v[rows] for k, v in data[task].items()}, device)
+
+
+def plan(data: Data, micro_batches: int, batch_size: int, generator: torch.Generator) -> Plan:
+    """Draw ``micro_batches`` micro-batches from ``data``: epochs of seeded permutations per task,
+    each task taking its share of ``batch_size`` (at least one row), rows ordered by domain."""
     sizes = {task: len(fields["domain"]) for task, fields in data.items()}
     total = sum(sizes.values())
     shares = {task: size / total for task, size in sizes.items()}
-    device = trained[0].device
-    model.train()
-    losses = []
-    for _ in range(cfg.local_steps):
-        optimizer.zero_grad(set_to_none=True)
-        for _ in range(cfg.accumulation):
-            losses.append(_micro_batch(model, data, shares, cfg, generator, device))
-        torch.nn.utils.clip_grad_norm_(trained, 1.0)
-        optimizer.step()
-    return model.get_state(names), {"loss": sum(losses) / len(losses)}
+    rows = {}
+    for task, size in sizes.items():
+        take = max(1, round(batch_size * shares[task]))
+        need = take * micro_batches
+        epochs = [torch.randperm(size, generator=generator) for _ in range(-(-need // size))]
+        drawn = torch.cat(epochs)[:need].view(micro_batches, take)
+        order = data[task]["domain"][drawn].argsort(dim=1, stable=True)
+        rows[task] = drawn.gather(1, order)
+    return Plan(rows, shares)
 
 
-def _micro_batch(
-    model: TapModel,
-    data: Data,
-    shares: dict[str, float],
-    cfg: TrainConfig,
-    generator: torch.Generator,
-    device: torch.device,
-) -> float:
-    """Backward of one micro-batch's loss (scaled for accumulation); returns its value."""
-    value = 0.0
-    for task, fields in data.items():
-        share = shares[task]
-        take = max(1, round(cfg.batch_size * share))
-        rows = torch.randint(len(fields["domain"]), (take,), generator=generator)
-        batch = model_inputs({k: v[rows] for k, v in fields.items()}, device)
-        loss = model.loss(task, batch) * share
-        (loss / cfg.accumulation).backward()
-        value += loss.item()
-    return value
+class LocalTrainer:
+    """Trains and scores states of one resident :class:`TapModel` on a device."""
+
+    def __init__(self, model: TapModel, cfg: TrainConfig, device: torch.device):
+        self.model, self.cfg, self.device = model, cfg, torch.device(device)
+        bf16 = cfg.amp == "bf16" or (cfg.amp == "auto" and self.device.type == "cuda")
+        self.autocast = bf16
+
+    def train(
+        self,
+        names: list[str],
+        state: Mapping[str, torch.Tensor],
+        data: Data,
+        batches: Plan,
+        lr: float,
+        generator: torch.Generator,
+        extra: Extra | None = None,
+        joint: Joint | None = None,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """Train from ``state`` (exactly ``names``) over ``batches``; return the new state and
+        the mean task loss per task. Dropout draws from ``generator``'s seed, so the result does
+        not depend on which process trains the client."""
+        model, cfg = self.model, self.cfg
+        model.load_state(state, names)
+        params = dict(model.named_parameters())
+        trained = [params[n] for n in names]
+        optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=cfg.weight_decay)
+        torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+        sums = torch.zeros(len(batches.rows), device=self.device)
+        model.train()
+        for index in range(batches.length):
+            if index % cfg.accumulation == 0:
+                optimizer.zero_grad(set_to_none=True)
+            loss, task_losses = self._micro_batch(data, batches, index, extra, joint)
+            (loss / cfg.accumulation).backward()
+            sums += task_losses
+            last = index + 1 == batches.length
+            if (index + 1) % cfg.accumulation == 0 or last:
+                if cfg.clip_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(trained, cfg.clip_norm)
+                optimizer.step()
+        means = (sums / batches.length).tolist()
+        return model.get_state(names), dict(zip(batches.rows, means))
+
+    @torch.no_grad()
+    def score(
+        self, names: list[str], state: Mapping[str, torch.Tensor], data: Data, batches: Plan
+    ) -> dict[str, float]:
+        """Mean task loss per task of ``state`` over ``batches`` (eval mode, no training)."""
+        self.model.load_state(state, names)
+        self.model.eval()
+        sums = torch.zeros(len(batches.rows), device=self.device)
+        for index in range(batches.length):
+            sums += self._micro_batch(data, batches, index, None, None)[1]
+        return dict(zip(batches.rows, (sums / batches.length).tolist()))
+
+    @torch.no_grad()
+    def outputs(
+        self, names: list[str], state: Mapping[str, torch.Tensor], data: Data, batches: Plan
+    ) -> list[dict[str, torch.Tensor]]:
+        """Head outputs of ``state`` per micro-batch and task (eval mode): a teacher's targets."""
+        self.model.load_state(state, names)
+        self.model.eval()
+        out = []
+        for index in range(batches.length):
+            with self._precision():
+                out.append(
+                    {
+                        task: self.model(task, batches.batch(data, task, index, self.device))[0]
+                        .float()
+                        .detach()
+                        for task in batches.rows
+                    }
+                )
+        return out
+
+    def _micro_batch(
+        self, data: Data, batches: Plan, index: int, extra: Extra | None, joint: Joint | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The micro-batch's loss and its (detached) task losses, in task order."""
+        model, total, task_losses, paths = self.model, 0.0, [], {}
+        with self._precision():
+            for task, share in batches.shares.items():
+                batch = batches.batch(data, task, index, self.device)
+                out, paths[task] = model(task, batch)
+                loss = model.heads[task].loss(out, batch).float()
+                task_losses.append(loss.detach())
+                if extra is not None:
+                    loss = loss + extra(task, batch, out, paths[task], index)
+                total = total + share * loss
+            if joint is not None:
+                total = total + joint(paths)
+        return total, torch.stack(task_losses)
+
+    def _precision(self):
+        if not self.autocast:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+
+def warmup_lr(cfg: TrainConfig, round_index: int) -> float:
+    """The learning rate of round ``round_index``: linear from min_lr to lr over warmup_rounds."""
+    if cfg.warmup_rounds == 0:
+        return cfg.lr
+    progress = min(1.0, round_index / cfg.warmup_rounds)
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * progress
 
 
 def model_inputs(fields: Mapping[str, torch.Tensor], device: torch.device) -> dict:

@@ -7,7 +7,7 @@ import sys
 import pytest
 from conftest import FAILING_PLUGIN
 
-from tapdist.checkpoint import load_state
+from tapdist.checkpoint import load_state, load_states
 from tapdist.cli import main
 from tapdist.config import load_config
 
@@ -23,10 +23,20 @@ def test_train_writes_the_run_folder(smoke_config, tmp_path):
     for line in lines:
         assert len(line["sampled"]) == 3
         assert set(line["clients"]) == {str(c) for c in line["sampled"]}
-        assert all(c["loss"] > 0 and c["samples"] > 0 for c in line["clients"].values())
+        for c in line["clients"].values():
+            losses = [v for k, v in c.items() if k.startswith(("global_loss.", "personal_loss."))]
+            assert losses and all(v > 0 for v in losses) and c["samples"] > 0
+        assert set(line["replacements"]) == {"image_cls", "text_cls", "image_gen", "text_gen"}
     state = load_state(run_dir / "final" / "global.h5")
     assert any(n.startswith("heads.vqa.") for n in state)
     assert not any("fusion" in n for n in state)  # frozen weights are never saved
+    results = json.loads((run_dir / "results.json").read_text())
+    assert list(results) == ["tap", "fedavg", "fedavg_ft"]
+    assert set(results["tap"]) == {str(c) for c in range(5)}
+    assert results["tap"]["4"]["law_qa"]["kind"] == "text_gen"
+    personal = load_states(run_dir / "final" / "personal-rank0000.h5")
+    assert sorted(personal) == [f"client_{c}" for c in range(5)]
+    assert "| text_gen" in (run_dir / "results.md").read_text()
 
 
 def run_cli(*args, cwd=None):

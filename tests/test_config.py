@@ -90,5 +90,8 @@ def test_bad_files(tmp_path):
     with pytest.raises(ConfigError, match="section 'run' must be a mapping"):
         load_config(bad)
     bad.write_text("tap: {margin: 0.1}\n")
-    with pytest.raises(ConfigError, match="accepted keys in section 'tap': none yet"):
+    with pytest.raises(
+        ConfigError,
+        match="unknown key 'tap.margin'.*accepted keys in section 'tap': margin_image_cls",
+    ):
         load_config(bad)

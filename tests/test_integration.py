@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import FAILING_PLUGIN, ROOT, SMOKE_CONFIG, unavailable, venv_tool
 
-from tapdist.checkpoint import load_state
+from tapdist.checkpoint import load_state, load_states
 from tapdist.config import load_config
 from tapdist.dist.launch import free_port
 
@@ -77,12 +77,40 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
             w["sampled"],
             w["tensors_updated"],
         )
+        assert g["replacements"] == w["replacements"]
         for client, stats in w["clients"].items():
-            assert g["clients"][client]["samples"] == stats["samples"]
-            assert g["clients"][client]["loss"] == pytest.approx(stats["loss"], rel=1e-5)
+            values = {k: v for k, v in stats.items() if not k.endswith("_s") and k != "rank"}
+            assert {k: g["clients"][client][k] for k in values} == pytest.approx(values, rel=1e-5)
+    assert_same_results(run_dir, reference)
     same = ("run", "model", "federation", "train")
     ours_cfg, their_cfg = (load_config(d / "config.yaml").to_dict() for d in (run_dir, reference))
     assert {k: ours_cfg[k] for k in same} == {k: their_cfg[k] for k in same}
+
+
+def assert_same_results(run_dir: Path, reference: Path) -> None:
+    """results.json within 1e-4, and every client's personal model saved exactly once."""
+    got, want = (json.loads((d / "results.json").read_text()) for d in (run_dir, reference))
+    assert list(got) == list(want)
+    for method, clients in want.items():
+        assert list(got[method]) == list(clients)
+        for client, tasks in clients.items():
+            for task, entry in tasks.items():
+                mine = got[method][client][task]
+                assert mine["kind"] == entry["kind"] and mine["primary"] == entry["primary"]
+                for metric, value in entry.items():
+                    if metric not in ("kind", "primary"):
+                        assert mine[metric] == pytest.approx(value, rel=1e-4, abs=1e-4), (
+                            method,
+                            client,
+                            task,
+                            metric,
+                        )
+    groups = [
+        group
+        for path in sorted((run_dir / "final").glob("personal-*.h5"))
+        for group in load_states(path)
+    ]
+    assert sorted(groups) == sorted(f"client_{c}" for c in want["tap"])
 
 
 def torchrun_train() -> list[str]:

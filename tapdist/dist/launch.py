@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -186,3 +187,18 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("", 0))
         return sock.getsockname()[1]
+
+
+def local_torchrun_command(processes: int, args: list[str]) -> list[str]:
+    """The command that starts ``python -m tapdist ARGS`` as ``processes`` local ranks under
+    torchrun (standalone rendezvous on this host)."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={processes}",
+        "-m",
+        "tapdist",
+        *args,
+    ]

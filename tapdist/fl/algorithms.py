@@ -1,17 +1,24 @@
 """FL algorithms as hook sets: the round loop is written once and calls these.
 
-An algorithm decides what a sampled client does with its copy of the global sub-model and what it
-uploads. The model's forward never knows which algorithm runs.
+An algorithm decides what a sampled client does in a round with its copy of the global
+sub-model (``client_round``: what it uploads, what it reports) and which models a client ends
+with after the rounds (``finish``: method key -> state, each evaluated on the client's held-out
+data). The model's forward never knows which algorithm runs. Per-client state that never leaves
+the client (TAP's personal models, Local's models) lives in the algorithm instance of the rank
+that hosts the client.
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+import math
+import time
 from dataclasses import dataclass
 
 import torch
 
-from tapdist.config import Config
+from tapdist.config import Config, ConfigError
+from tapdist.distill import distillation_term, orthogonality_term
+from tapdist.local import plan, warmup_lr
 from tapdist.models.base import FederatedModel, State
 from tapdist.registry import ALGORITHMS
 
@@ -24,28 +31,279 @@ class ClientUpdate:
     metrics: dict[str, float]
 
 
-class Algorithm(ABC):
-    """Hooks of one FL algorithm."""
+class Algorithm:
+    """Hooks of one FL algorithm. The base class trains the global copy and uploads it."""
 
-    #: Per-client metrics every update reports; they travel in the round's one collective.
-    metric_names: tuple[str, ...] = ("loss",)
+    #: the method key of this algorithm's own final model in results.json
+    method = ""
+    #: whether sampled clients upload their trained global copy for averaging
+    uploads = True
 
     def __init__(self, cfg: Config, model: FederatedModel):
         self.cfg, self.model = cfg, model
+        self.tasks = model.task_kinds()  # union tasks -> kind, in a fixed order
 
-    @abstractmethod
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """Method keys ``finish`` returns, in results order."""
+        return (self.method,)
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        """Per-client metrics of a round; they travel in the round's one collective."""
+        return (*(f"global_loss.{t}" for t in self.tasks), "global_s")
+
     def client_round(
         self, client: int, global_sub: State, round_index: int, generator: torch.Generator
     ) -> ClientUpdate:
         """Run ``client``'s part of round ``round_index`` from its global sub-state."""
+        trained, losses, seconds = self._train(client, global_sub, round_index, generator)
+        return ClientUpdate(trained, {**_prefixed("global_loss", losses), "global_s": seconds})
+
+    def finish(self, client: int, global_sub: State, generator: torch.Generator) -> dict:
+        """The client's final models after the rounds: method key -> state."""
+        raise NotImplementedError
+
+    def round_summary(self, stats: dict[int, dict[str, float]]) -> dict:
+        """Algorithm-specific fields of a round's metrics record (every rank sees ``stats``)."""
+        return {}
+
+    # --- shared steps -----------------------------------------------------------------------
+
+    def _train(
+        self,
+        client: int,
+        state: State,
+        round_index: int,
+        generator: torch.Generator,
+        joint=None,
+    ) -> tuple[State, dict[str, float], float]:
+        """One round of local training of ``state`` at the round's learning rate."""
+        m, train = self.model, self.cfg.train
+        data = m.train_data(client)
+        batches = plan(data, train.local_steps * train.accumulation, train.batch_size, generator)
+        started = _now()
+        lr = warmup_lr(train, round_index)
+        trained, losses = m.trainer.train(
+            m.client_keys(client), state, data, batches, lr, generator, joint=joint
+        )
+        return trained, losses, _now() - started
+
+    def _finetune(
+        self, client: int, state: State, generator: torch.Generator, scale: int = 1, **terms
+    ) -> State:
+        """Post-FL local fine-tuning: ``scale x tap.finetune_steps`` micro-batches at min_lr."""
+        steps = self.cfg.tap.finetune_steps * scale
+        if steps == 0:
+            return state
+        m = self.model
+        data = m.train_data(client)
+        batches = plan(data, steps, self.cfg.train.batch_size, generator)
+        lr = self.cfg.train.min_lr
+        return m.trainer.train(m.client_keys(client), state, data, batches, lr, generator, **terms)[
+            0
+        ]
 
 
 @ALGORITHMS.register("fedavg")
 class FedAvg(Algorithm):
-    """Each sampled client trains its copy of the global sub-model and uploads it."""
+    """Each sampled client trains its copy of the global sub-model and uploads it; yields the
+    global model (``fedavg``) and the global model fine-tuned locally (``fedavg_ft``)."""
 
-    def client_round(
-        self, client: int, global_sub: State, round_index: int, generator: torch.Generator
-    ) -> ClientUpdate:
-        state, metrics = self.model.local_train(client, global_sub, generator)
-        return ClientUpdate(state, metrics)
+    method = "fedavg"
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        return ("fedavg", "fedavg_ft")
+
+    def finish(self, client: int, global_sub: State, generator: torch.Generator) -> dict:
+        return {"fedavg": global_sub, "fedavg_ft": self._finetune(client, global_sub, generator)}
+
+
+@ALGORITHMS.register("local")
+class Local(Algorithm):
+    """Each client trains its own model alone when sampled; nothing is uploaded or averaged. The
+    final model is fine-tuned like every other method's (same local compute)."""
+
+    method = "local"
+    uploads = False
+
+    def __init__(self, cfg: Config, model: FederatedModel):
+        super().__init__(cfg, model)
+        self.own: dict[int, State] = {}
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        return (*(f"local_loss.{t}" for t in self.tasks), "local_s")
+
+    def client_round(self, client, global_sub, round_index, generator) -> ClientUpdate:
+        state = self.own.get(client, global_sub)  # round-0 global state = the initial model
+        self.own[client], losses, seconds = self._train(client, state, round_index, generator)
+        return ClientUpdate({}, {**_prefixed("local_loss", losses), "local_s": seconds})
+
+    def finish(self, client: int, global_sub: State, generator: torch.Generator) -> dict:
+        own = self.own.get(client, self.model.initial_substate(client))
+        return {"local": self._finetune(client, own, generator)}
+
+
+@ALGORITHMS.register("disentafl")
+class DisentAFL(Algorithm):
+    """FedAvg with an orthogonality loss between the mod-task latents of different (modality,
+    task) groups of a micro-batch, then local fine-tuning with the same loss."""
+
+    method = "disentafl"
+
+    def __init__(self, cfg: Config, model: FederatedModel):
+        super().__init__(cfg, model)
+        self.joint = orthogonality_term(model, cfg.tap.disentafl_weight)
+
+    def client_round(self, client, global_sub, round_index, generator) -> ClientUpdate:
+        trained, losses, seconds = self._train(
+            client, global_sub, round_index, generator, joint=self.joint
+        )
+        return ClientUpdate(trained, {**_prefixed("global_loss", losses), "global_s": seconds})
+
+    def finish(self, client: int, global_sub: State, generator: torch.Generator) -> dict:
+        return {"disentafl": self._finetune(client, global_sub, generator, joint=self.joint)}
+
+
+ABLATIONS = {"no_distillation": "tap_no_kd", "double_finetune": "tap_ft2x"}
+
+
+@ALGORITHMS.register("tap")
+class TAP(Algorithm):
+    """TAP (see docs/tap.md). Stage 1, per sampled client: train the global copy; for each task
+    whose global loss beats the personal model's by the task kind's margin, copy the task's
+    components into the personal model; train the personal model; upload the global copy.
+    Stage 2 (``finish``): the teacher is the global sub-model fine-tuned locally (also the
+    FedAvg+FT baseline), the student the personal model trained on its task loss plus
+    distillation from the teacher; the student is the TAP model."""
+
+    method = "tap"
+
+    def __init__(self, cfg: Config, model: FederatedModel):
+        super().__init__(cfg, model)
+        unknown = [a for a in cfg.tap.ablations if a not in ABLATIONS]
+        if unknown:
+            raise ConfigError(
+                f"tap.ablations = {cfg.tap.ablations}: unknown {unknown}; "
+                f"accepted: {', '.join(ABLATIONS)}"
+            )
+        self.personal: dict[int, State] = {}
+        self.personal_loss: dict[int, dict[str, float]] = {}  # for the stale rule
+        self.replacements = dict.fromkeys(sorted(set(self.tasks.values())), 0)
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        extra = tuple(ABLATIONS[a] for a in self.cfg.tap.ablations)
+        return ("tap", "fedavg", "fedavg_ft", *extra)
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        per_task = [
+            f"{what}.{t}"
+            for what in ("global_loss", "personal_loss", "replaced")
+            for t in self.tasks
+        ]
+        return (*per_task, "global_s", "replace_s", "personal_s")
+
+    def client_round(self, client, global_sub, round_index, generator) -> ClientUpdate:
+        trained, g_loss, g_seconds = self._train(client, global_sub, round_index, generator)
+        started = _now()
+        personal = self.personal.get(client)
+        if personal is None:
+            personal = self.model.initial_substate(client)
+        replaced = self._replace(client, trained, personal, g_loss, generator)
+        r_seconds = _now() - started
+        personal, p_loss, p_seconds = self._train(client, personal, round_index, generator)
+        self.personal[client], self.personal_loss[client] = personal, p_loss
+        metrics = {
+            **_prefixed("global_loss", g_loss),
+            **_prefixed("personal_loss", p_loss),
+            **_prefixed("replaced", {t: float(t in replaced) for t in g_loss}),
+            "global_s": g_seconds,
+            "replace_s": r_seconds,
+            "personal_s": p_seconds,
+        }
+        return ClientUpdate(trained, metrics)
+
+    def _replace(
+        self,
+        client: int,
+        trained: State,
+        personal: State,
+        train_loss: dict[str, float],
+        generator: torch.Generator,
+    ) -> list[str]:
+        """Copy into ``personal`` (in place) the components of each task whose global loss
+        beats the personal loss by the task kind's margin; returns those tasks."""
+        g_loss, p_loss = self._losses(client, trained, personal, train_loss, generator)
+        replaced = []
+        for task, loss in g_loss.items():
+            if loss + self.margin(task) < p_loss[task]:
+                for key in self.model.task_keys(client, task):
+                    personal[key] = trained[key].clone()
+                replaced.append(task)
+        return replaced
+
+    def _losses(self, client, trained, personal, train_loss, generator):
+        """(global, personal) loss per task under the configured replacement rule. A client's
+        first selection has no personal loss yet (+inf), so it always replaces."""
+        first = client not in self.personal_loss
+        if self.cfg.tap.replacement_rule == "stale":
+            previous = self.personal_loss.get(client, {})
+            return train_loss, {t: previous.get(t, math.inf) for t in train_loss}
+        if first:
+            return train_loss, dict.fromkeys(train_loss, math.inf)
+        m = self.model
+        data = m.train_data(client)
+        batches = plan(data, self.cfg.tap.compare_batches, self.cfg.train.batch_size, generator)
+        names = m.client_keys(client)
+        return m.trainer.score(names, trained, data, batches), m.trainer.score(
+            names, personal, data, batches
+        )
+
+    def margin(self, task: str) -> float:
+        return getattr(self.cfg.tap, f"margin_{self.tasks[task]}")
+
+    def round_summary(self, stats: dict[int, dict[str, float]]) -> dict:
+        now = dict.fromkeys(self.replacements, 0)
+        for row in stats.values():
+            for task, kind in self.tasks.items():
+                now[kind] += int(round(row.get(f"replaced.{task}", 0.0)))
+        for kind, n in now.items():
+            self.replacements[kind] += n
+        return {"replacements": now, "replacements_cumulative": dict(self.replacements)}
+
+    def finish(self, client: int, global_sub: State, generator: torch.Generator) -> dict:
+        m, tap = self.model, self.cfg.tap
+        personal = self.personal.get(client)
+        if personal is None:
+            personal = m.initial_substate(client)
+        data = m.train_data(client)
+        out = {"fedavg": global_sub}
+        if tap.finetune_steps == 0:
+            ablations = {ABLATIONS[a]: personal for a in tap.ablations}
+            return {"tap": personal, **out, "fedavg_ft": global_sub, **ablations}
+        names = m.client_keys(client)
+        batches = plan(data, tap.finetune_steps, self.cfg.train.batch_size, generator)
+        lr = self.cfg.train.min_lr
+        teacher = m.trainer.train(names, global_sub, data, batches, lr, generator)[0]
+        targets = m.trainer.outputs(names, teacher, data, batches)
+        kd = distillation_term(self.tasks, tap, targets)
+        student = m.trainer.train(names, personal, data, batches, lr, generator, extra=kd)[0]
+        ablations = {
+            ABLATIONS[a]: self._finetune(
+                client, personal, generator, 2 if a == "double_finetune" else 1
+            )
+            for a in tap.ablations
+        }
+        return {"tap": student, **out, "fedavg_ft": teacher, **ablations}
+
+
+def _prefixed(prefix: str, values: dict[str, float]) -> dict[str, float]:
+    return {f"{prefix}.{k}": v for k, v in values.items()}
+
+
+def _now() -> float:
+    return time.perf_counter()

@@ -4,6 +4,10 @@ Per round, every rank derives the sampled clients from (seed, round), trains tho
 through the algorithm's hooks, adds their uploads to a :class:`RoundBuffer`, and joins one
 all_reduce that carries the weighted values, the weights and the clients' metrics. Every rank
 then holds the same new global state; the server writes the round's metrics.
+
+After the rounds, every rank finishes the clients it hosts (the algorithm's post-FL stage, e.g.
+TAP's distillation) and evaluates each of their final models on held-out data; one more
+all_reduce brings every client's metrics to every rank.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 
 from tapdist.config import Config
 from tapdist.dist import DistContext
+from tapdist.evaluate import METRICS
 from tapdist.fl.aggregate import (
     FlatLayout,
     RoundBuffer,
@@ -31,11 +36,15 @@ from tapdist.fl.aggregate import (
 )
 from tapdist.fl.algorithms import Algorithm
 from tapdist.fl.topology import Topology, derive_seed, sample_clients
+from tapdist.logs import Progress
 from tapdist.models.base import FederatedModel, State
+from tapdist.results import task_entry
 
 log = logging.getLogger(__name__)
 
-_TRAIN_STREAM = 1  # derive_seed key separating training randomness from other uses
+# derive_seed keys separating the randomness of each use
+_TRAIN_STREAM = 1
+_FINISH_STREAM = 2
 
 
 class RoundLoop:
@@ -53,7 +62,8 @@ class RoundLoop:
         self.cfg, self.ctx, self.model, self.algorithm = cfg, ctx, model, algorithm
         self.topology = topology
         self.layout = FlatLayout.from_shapes(model.union_shapes())
-        self.sizes = [c.num_samples for c in model.clients()]
+        self.clients = list(model.clients())
+        self.sizes = [c.num_samples for c in self.clients]
         self.keys = {c: _checked_keys(model, self.layout, c) for c in range(len(self.sizes))}
         self.stat_names = (*algorithm.metric_names, "train_s")
         self.deltas = sends_deltas(cfg.dist.transport_dtype)
@@ -62,17 +72,56 @@ class RoundLoop:
     def run(self) -> State:
         """All rounds from the model's initial state; returns the final global state."""
         state = self.initial_state()
-        if self.metrics_path is not None:
-            self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
-            self.metrics_path.write_text("")
         rounds = self.cfg.federation.rounds
-        for r in range(rounds):
-            state, record = self.round(r, state)
-            if self.metrics_path is not None:
-                with self.metrics_path.open("a") as out:
-                    out.write(json.dumps(record) + "\n")
-                log.info(_summary(record, rounds, self.stat_names[0]))
+        name = self.algorithm.method
+        with Progress(f"{name} rounds", rounds, enabled=self.metrics_path is not None) as bar:
+            for r in range(rounds):
+                state, record = self.round(r, state)
+                if self.metrics_path is not None:
+                    self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+                    with self.metrics_path.open("a") as out:
+                        out.write(json.dumps(record) + "\n")
+                    bar.step(_summary(record))
         return state
+
+    def finish(self, state: State) -> tuple[dict, dict[int, State]]:
+        """Each hosted client's post-FL stage and the evaluation of its final models.
+
+        Returns (results, own): results is method -> client -> task -> metrics for every
+        client of the federation (identical on every rank); own maps each client this rank
+        hosts to its final model under the algorithm's own method key.
+        """
+        methods = self.algorithm.methods
+        slots = _result_slots(methods, self.clients, self.model.task_kinds())
+        values = torch.zeros(len(slots), dtype=torch.float64)
+        hosted = self.topology.clients_of(self.ctx.rank)
+        own = {}
+        server = self.metrics_path is not None
+        label = f"{self.algorithm.method} post-FL stage and evaluation"
+        with Progress(label, len(hosted), enabled=server) as bar:
+            for client in hosted:
+                models = self._finish_client(client, state)
+                for method, final in models.items():
+                    for task, metrics in self.model.evaluate(client, final).items():
+                        for metric, value in metrics.items():
+                            values[slots[(method, client, task, metric)]] = value
+                own[client] = models[self.algorithm.method]
+                bar.step(f"client {client}")
+        values = values.to(self.ctx.device)
+        self.ctx.all_reduce(values, f"{self.algorithm.method} results all_reduce")
+        return _results(slots, values.cpu().tolist(), self.model.task_kinds()), own
+
+    def _finish_client(self, client: int, state: State) -> dict[str, State]:
+        seed = derive_seed(self.cfg.run.seed, _FINISH_STREAM, client)
+        generator = torch.Generator().manual_seed(seed)
+        global_sub = {k: state[k].clone() for k in self.keys[client]}
+        models = self.algorithm.finish(client, global_sub, generator)
+        if set(models) != set(self.algorithm.methods):
+            raise RuntimeError(
+                f"{type(self.algorithm).__name__}.finish returned {sorted(models)}; "
+                f"its methods are {list(self.algorithm.methods)}"
+            )
+        return models
 
     def initial_state(self) -> State:
         """The model's initial state, made identical on every rank by a broadcast from rank 0."""
@@ -88,8 +137,9 @@ class RoundLoop:
         started = time.perf_counter()
         fed = self.cfg.federation
         sampled = sample_clients(self.cfg.run.seed, r, len(self.sizes), fed.clients_per_round)
-        # Only tensors some sampled client holds can change; every rank derives the same set.
-        layout = self.layout.restrict({k for c in sampled for k in self.keys[c]})
+        # Only tensors some sampled client uploads can change; every rank derives the same set.
+        uploaded = {k for c in sampled for k in self.keys[c]} if self.algorithm.uploads else set()
+        layout = self.layout.restrict(uploaded)
         buf = RoundBuffer.zeros(
             layout,
             len(sampled),
@@ -117,11 +167,12 @@ class RoundLoop:
         )
         global_sub = {k: state[k].clone() for k in self.keys[client]}
         update = self.algorithm.client_round(client, global_sub, r, generator)
-        if set(update.upload) != set(self.keys[client]):
-            raise RuntimeError(_key_mismatch(client, self.keys[client], update.upload))
+        expected = self.keys[client] if self.algorithm.uploads else ()
+        if set(update.upload) != set(expected):
+            raise RuntimeError(_key_mismatch(client, expected, update.upload))
         reference = state if self.deltas else None
         accumulate(buf, update.upload, float(self.sizes[client]), reference)
-        values = [float(update.metrics[n]) for n in self.algorithm.metric_names]
+        values = [float(update.metrics.get(n, 0.0)) for n in self.algorithm.metric_names]
         values.append(time.perf_counter() - started)
         buf.stats[slot] = torch.tensor(values, dtype=buf.flat.dtype)
 
@@ -134,20 +185,19 @@ class RoundLoop:
         times: tuple[float, float, float],
     ) -> dict:
         stats = buf.stats.cpu().tolist()
-        clients, busy = {}, {}
+        clients, busy, rows = {}, {}, {}
         for client, row in zip(sampled, stats):
             rank = self.topology.host_of[client]
-            clients[str(client)] = {
-                "rank": rank,
-                "samples": self.sizes[client],
-                **dict(zip(self.stat_names, row)),
-            }
+            rows[client] = _client_stats(self.stat_names, row, self.clients[client].tasks)
+            clients[str(client)] = {"rank": rank, "samples": self.sizes[client], **rows[client]}
             busy[rank] = busy.get(rank, 0.0) + row[-1]
         started, trained, done = times
         return {
+            "algorithm": self.algorithm.method,
             "round": r,
             "sampled": list(sampled),
             "clients": clients,
+            **self.algorithm.round_summary(rows),
             "tensors_updated": int((buf.counts > 0).sum()),
             "bytes_sent_per_rank": sent,
             "seconds": {
@@ -173,15 +223,56 @@ def _key_mismatch(client: int, expected: Sequence[str], got: dict) -> str:
     return f"client {client} uploaded the wrong tensors: missing {missing}, unexpected {extra}"
 
 
-def _summary(record: dict, rounds: int, metric: str) -> str:
-    clients = record["clients"].values()
-    mean = sum(c[metric] * c["samples"] for c in clients) / sum(c["samples"] for c in clients)
+def _client_stats(names: Sequence[str], row: Sequence[float], tasks: Sequence[str]) -> dict:
+    """A client's named stats, without the per-task entries of tasks it does not have."""
+    return {n: v for n, v in zip(names, row) if "." not in n or n.split(".", 1)[1] in tasks}
+
+
+def _summary(record: dict) -> str:
+    losses = [
+        v
+        for c in record["clients"].values()
+        for k, v in c.items()
+        if "." in k and k.partition(".")[0].endswith("_loss")
+    ]
+    mean = sum(losses) / len(losses) if losses else float("nan")
     sec = record["seconds"]
-    return (
-        f"round {record['round'] + 1}/{rounds}: clients {record['sampled']}, "
-        f"{metric} {mean:.4f}, {sec['round']:.2f}s (train {sec['train_here']:.2f}s, "
-        f"aggregate {sec['aggregate']:.3f}s, sent {_size(record['bytes_sent_per_rank'])})"
+    text = (
+        f"clients {record['sampled']}, mean task loss {mean:.4f}, {sec['round']:.2f}s "
+        f"(aggregate {sec['aggregate']:.3f}s, sent {_size(record['bytes_sent_per_rank'])})"
     )
+    if "replacements" in record:
+        n = sum(record["replacements"].values())
+        text += f", {n} replacement{'s' * (n != 1)}"
+    return text
+
+
+def _result_slots(methods, clients, kinds: dict[str, str]) -> dict[tuple, int]:
+    """(method, client, task, metric) -> index into the flat results tensor; the same on every
+    rank."""
+    keys = [
+        (method, c.id, task, metric)
+        for method in methods
+        for c in clients
+        for task in c.tasks
+        for metric in METRICS[kinds[task]]
+    ]
+    return {key: i for i, key in enumerate(keys)}
+
+
+def _results(slots: dict[tuple, int], values: list[float], kinds: dict[str, str]) -> dict:
+    nested: dict = {}
+    for (method, client, task, metric), i in slots.items():
+        nested.setdefault(method, {}).setdefault(str(client), {}).setdefault(task, {})[metric] = (
+            values[i]
+        )
+    return {
+        method: {
+            client: {task: task_entry(kinds[task], m) for task, m in tasks.items()}
+            for client, tasks in per_client.items()
+        }
+        for method, per_client in nested.items()
+    }
 
 
 def _size(nbytes: float) -> str:

@@ -193,10 +193,16 @@ def _hf(size: str, text_dir: str, vision_dir: str, lora: LoraSpec | None, sizes:
 
 def _from_dir(auto, directory: str) -> nn.Module:
     """An encoder from a local directory, without the pooler TAP never reads."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the unused pooler weights are expected, not news
     try:
         return _fp32(auto.from_pretrained(directory, add_pooling_layer=False))
     except TypeError:  # architectures without a pooler option
         return _fp32(auto.from_pretrained(directory))
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def _fp32(model: nn.Module) -> nn.Module:

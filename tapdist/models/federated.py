@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from tapdist.config import Config, ConfigError
-from tapdist.data.spec import parse_clients, parse_tasks
+from tapdist.data.spec import ClientSpec, parse_clients, parse_tasks
 from tapdist.data.synthetic import make_task_data
-from tapdist.local import train_locally
+from tapdist.local import LocalTrainer
 from tapdist.models.backbone import load_backbone
-from tapdist.models.base import ClientInfo
+from tapdist.models.base import ClientInfo, State
 from tapdist.models.layers import LoraSpec
-from tapdist.models.tap import PATHS, TapModel, TapSettings
+from tapdist.models.tap import PATHS, TapModel, TapSettings, TaskSpec
 from tapdist.registry import MODELS
+from tapdist.resources import resolve
 
 
 def settings_from(cfg: Config) -> TapSettings:
@@ -31,8 +34,15 @@ def settings_from(cfg: Config) -> TapSettings:
     )
 
 
-def build_union_model(cfg: Config, device: torch.device | str = "cpu") -> TapModel:
-    """The union (server) model of ``cfg``'s tasks, initialised from ``run.seed``."""
+def build_union_model(
+    cfg: Config,
+    device: torch.device | str = "cpu",
+    tasks: list[TaskSpec] | None = None,
+    vocab_size: int = 0,
+) -> TapModel:
+    """The union (server) model of ``tasks`` (default: ``cfg``'s), initialised from
+    ``run.seed``; ``vocab_size`` (default: the tokenizer's, else the text encoder's) sizes the
+    text-generation heads."""
     settings = settings_from(cfg)
     m = cfg.model
     torch.manual_seed(cfg.run.seed)
@@ -42,71 +52,134 @@ def build_union_model(cfg: Config, device: torch.device | str = "cpu") -> TapMod
         "num_attention_heads": m.num_heads,
         "intermediate_size": m.intermediate_size,
     }
+    base = Path(cfg.source).parent if cfg.source else None
+    local = {k: str(resolve(v, base)) if v else "" for k, v in _directories(m).items()}
     backbone = load_backbone(
         m.backbone,
         m.size,
-        m.pretrained,
+        local["pretrained"],
         settings.encoder_lora,
-        m.text_encoder,
-        m.vision_encoder,
+        local["text_encoder"],
+        local["vision_encoder"],
         {k: v for k, v in sizes.items() if v},
     )
-    if m.tokenizer:
-        backbone.vocab_size = tokenizer_vocab(m.tokenizer, backbone.vocab_size)
-    return TapModel(backbone, parse_tasks(cfg.data), settings).to(device)
+    if local["tokenizer"] and not vocab_size:
+        vocab_size = tokenizer_vocab(local["tokenizer"])
+    if vocab_size:
+        backbone.vocab_size = _checked_vocab(vocab_size, backbone.vocab_size)
+    tasks = parse_tasks(cfg.data) if tasks is None else tasks
+    return TapModel(backbone, tasks, settings).to(device)
 
 
-def tokenizer_vocab(directory: str, encoder_vocab: int) -> int:
-    """Vocabulary size of the tokenizer in ``directory``; the text encoder must cover it."""
-    from transformers import BertTokenizerFast
+def _directories(m) -> dict[str, str]:
+    keys = ("pretrained", "text_encoder", "vision_encoder", "tokenizer")
+    return {k: getattr(m, k) for k in keys}
 
-    size = len(BertTokenizerFast.from_pretrained(directory))
+
+def _checked_vocab(size: int, encoder_vocab: int) -> int:
     if size > encoder_vocab:
         raise ConfigError(
-            f"model.tokenizer {directory} has {size} tokens but the text encoder "
-            f"embeds only {encoder_vocab}; use the backbone's own tokenizer"
+            f"the tokenizer has {size} tokens but the text encoder embeds only "
+            f"{encoder_vocab}; use the backbone's own tokenizer"
         )
     return size
 
 
+def tokenizer_vocab(directory: str) -> int:
+    """Vocabulary size of the (BERT WordPiece) tokenizer in ``directory``."""
+    from transformers import BertTokenizerFast
+
+    return len(BertTokenizerFast.from_pretrained(directory))
+
+
 class TapFederation:
-    """One resident union model; each client is a list of tensor names and its data."""
+    """One resident union model; each client is a list of tensor names and its data.
+
+    Data comes from ``data.source``: ``synthetic`` generates each client's samples from (seed,
+    client, task) on first use; ``hdf5`` reads them from a federation file. Either way a rank
+    loads only the clients it hosts, as ready tensors.
+    """
 
     def __init__(self, cfg: Config, device: torch.device):
-        self.cfg = cfg
-        self.model = build_union_model(cfg, device)
-        tasks = list(self.model.tasks.values())
-        self.specs = parse_clients(cfg.data, tasks)
+        self.cfg, self.device = cfg, torch.device(device)
+        if cfg.data.source == "hdf5":
+            from tapdist.data.hdf5 import read_meta
+
+            self.file = _federation_file(cfg)
+            meta = read_meta(self.file)
+            _check_file_fits(cfg, meta)
+            self.model = build_union_model(cfg, device, meta.tasks, meta.vocab_size)
+            self.specs = [
+                ClientSpec(c.id, c.tasks, sum(c.train.values()), sum(c.test.values()))
+                for c in meta.clients
+            ]
+            self.text_len = meta.text_len
+        else:
+            self.file = None
+            self.model = build_union_model(cfg, device)
+            self.specs = parse_clients(cfg.data, list(self.model.tasks.values()))
+            self.text_len = cfg.data.text_len
+        self._check_text_len()
+        self.trainer = LocalTrainer(self.model, cfg.train, self.device)
         self._initial = self.model.get_state()
         self._keys = [self.model.client_names(c.tasks) for c in self.specs]
-        self._data: dict[int, dict] = {}  # built on first use: a rank needs only its clients
+        self._data: dict[
+            tuple[int, str], dict
+        ] = {}  # built on first use: a rank needs only its clients
+
+    def _check_text_len(self) -> None:
         limit = self.model.max_text_len
-        if cfg.data.text_len > limit and any("text" in t.modalities for t in tasks):
+        reads_text = any("text" in t.modalities for t in self.model.tasks.values())
+        if self.text_len > limit and reads_text:
+            source = f"data.text_len = {self.text_len}"
+            if self.file is not None:
+                source = f"{self.file} holds texts of {self.text_len} tokens, which"
             raise ConfigError(
-                f"data.text_len = {cfg.data.text_len} exceeds the text encoder's "
-                f"{limit} positions; accepted: 2..{limit}"
+                f"{source} exceeds the text encoder's {limit} positions; accepted: 2..{limit}"
             )
 
-    def client_data(self, client: int) -> dict[str, dict[str, torch.Tensor]]:
-        """The client's samples per task, generated from (seed, client, task) on first use."""
-        if client not in self._data:
-            c, cfg = self.specs[client], self.cfg
-            self._data[client] = {
-                t: make_task_data(
-                    self.model.tasks[t],
-                    c.samples,
-                    cfg.data.text_len,
-                    self.model.vocab_size,
-                    cfg.model.answer_len,
-                    self.model.domains,
-                    (cfg.run.seed, c.id, i),
-                )
-                for i, t in enumerate(c.tasks)
-            }
-        return self._data[client]
+    # --- data ---------------------------------------------------------------------------------
+
+    def train_data(self, client: int) -> dict[str, dict[str, torch.Tensor]]:
+        return self._split(client, "train")
+
+    def test_data(self, client: int) -> dict[str, dict[str, torch.Tensor]]:
+        return self._split(client, "test")
+
+    def _split(self, client: int, split: str) -> dict[str, dict[str, torch.Tensor]]:
+        key = (client, split)
+        if key not in self._data:
+            if self.file is not None:
+                from tapdist.data.hdf5 import read_client
+
+                self._data[key] = read_client(self.file, client, split, self.model.domains)
+            else:
+                self._data[key] = self._synthetic(self.specs[client], split)
+        return self._data[key]
+
+    def _synthetic(self, c: ClientSpec, split: str) -> dict[str, dict[str, torch.Tensor]]:
+        cfg, model = self.cfg, self.model
+        count, stream = (c.samples, 0) if split == "train" else (c.test, 1)
+        return {
+            t: make_task_data(
+                model.tasks[t],
+                count,
+                self.text_len,
+                model.vocab_size,
+                cfg.model.answer_len,
+                model.domains,
+                (cfg.run.seed, c.id, i, stream),
+            )
+            for i, t in enumerate(c.tasks)
+        }
+
+    # --- states -------------------------------------------------------------------------------
 
     def clients(self) -> list[ClientInfo]:
-        return [ClientInfo(c.id, c.samples * len(c.tasks), "+".join(c.tasks)) for c in self.specs]
+        return [ClientInfo(c.id, c.samples, c.tasks) for c in self.specs]
+
+    def task_kinds(self) -> dict[str, str]:
+        return {name: t.kind for name, t in self.model.tasks.items()}
 
     def union_shapes(self) -> dict[str, torch.Size]:
         return {n: t.shape for n, t in self._initial.items()}
@@ -114,17 +187,66 @@ class TapFederation:
     def client_keys(self, client: int) -> list[str]:
         return self._keys[client]
 
-    def initial_state(self) -> dict[str, torch.Tensor]:
+    def task_keys(self, client: int, task: str) -> list[str]:
+        if task not in self.specs[client].tasks:
+            raise KeyError(f"client {client} has no task '{task}'")
+        return self.model.component_names(task)
+
+    def initial_state(self) -> State:
         return {n: t.clone() for n, t in self._initial.items()}
 
-    def local_train(self, client: int, state, generator: torch.Generator):
-        return train_locally(
-            self.model,
-            self._keys[client],
-            state,
-            self.client_data(client),
-            self.cfg.train,
-            generator,
+    def initial_substate(self, client: int) -> State:
+        return {n: self._initial[n].clone() for n in self._keys[client]}
+
+    def evaluate(self, client: int, state: State) -> dict[str, dict[str, float]]:
+        from tapdist.evaluate import evaluate
+
+        self.model.load_state(state, self._keys[client])
+        data = self.test_data(client)
+        return evaluate(self.model, list(data), data, self.cfg.train.eval_batch_size, self.device)
+
+    def mod_task_slots(self) -> dict[str, list[tuple[str, int]]]:
+        """Per task, (modality, index) of each mod-task path feature in ``forward``'s paths."""
+        paths = self.model.settings.paths
+        if "mod_task" not in paths:
+            raise ConfigError("DisentAFL needs the mod_task path; add it to model.paths")
+        slot = paths.index("mod_task")
+        return {
+            name: [(m, i * len(paths) + slot) for i, m in enumerate(t.modalities)]
+            for name, t in self.model.tasks.items()
+        }
+
+
+def _federation_file(cfg: Config) -> Path:
+    if not cfg.data.path:
+        raise ConfigError(
+            "data.source = hdf5 needs data.path: the federation file (build one with "
+            "`tapdist data build SPEC --out FILE`)"
+        )
+    base = Path(cfg.source).parent if cfg.source else None
+    return resolve(cfg.data.path, base)
+
+
+def _check_file_fits(cfg: Config, meta) -> None:
+    """The config must agree with the federation file it reads."""
+    if cfg.data.tasks or cfg.data.clients:
+        listed = {t.name: t for t in parse_tasks(cfg.data)} if cfg.data.tasks else {}
+        in_file = {t.name: t for t in meta.tasks}
+        if listed and listed != in_file:
+            raise ConfigError(
+                f"data.tasks do not match the tasks of {meta.path} "
+                f"({', '.join(in_file)}); remove data.tasks to use the file's"
+            )
+        if cfg.data.clients:
+            raise ConfigError(
+                f"data.clients is set but data.source = hdf5 reads the clients from {meta.path}; "
+                "remove data.clients"
+            )
+    answer_len = cfg.model.answer_len
+    if meta.answer_len != answer_len and any(t.kind == "text_gen" for t in meta.tasks):
+        raise ConfigError(
+            f"model.answer_len = {answer_len} but {meta.path} holds answers of "
+            f"{meta.answer_len} tokens; set model.answer_len = {meta.answer_len}"
         )
 
 
