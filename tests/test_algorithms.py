@@ -185,3 +185,65 @@ def test_orthogonality_is_zero_for_orthogonal_latents(federation):
     assert term(paths) == pytest.approx(0.0)
     paths["objects"][:, j, 0] = 1.0  # now 45 degrees apart: cos^2 = 0.5
     assert term(paths) == pytest.approx(0.5 * 0.5)
+
+
+def test_bf16_autocast_trains_fp32_states(federation):
+    cfg = load_config(SMOKE_CONFIG, ["train.amp=bf16"])
+    from tapdist.local import LocalTrainer
+
+    trainer = LocalTrainer(federation.model, cfg.train, CPU)
+    assert trainer.autocast
+    data = federation.train_data(2)  # vqa: image + text, text generation
+    names = federation.client_keys(2)
+    state, losses = trainer.train(
+        names,
+        federation.initial_substate(2),
+        data,
+        plan(data, 2, 4, generator()),
+        1e-3,
+        generator(),
+    )
+    assert all(t.dtype == torch.float32 for t in state.values())
+    assert all(math.isfinite(v) for v in losses.values())
+
+
+# --- a federation file must fit the config ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smoke_file(tmp_path_factory):
+    from tapdist.data.build import build_federation
+
+    out = tmp_path_factory.mktemp("fed") / "smoke.h5"
+    build_federation(SMOKE_CONFIG.parent / "federations" / "smoke.yaml", out, progress=False)
+    return out
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.clients=[{tasks: [news], samples: 4}]", "data.clients do not match the clients"),
+        (
+            "data.tasks=[{name: news, kind: text_cls, modalities: [text], domains: [news], "
+            "classes: 3}]",
+            "data.tasks do not match the tasks of the federation file .*: law_qa, news, objects",
+        ),
+        ("model.answer_len=6", "set model.answer_len = 4"),
+    ],
+)
+def test_a_config_that_does_not_fit_its_federation_file_is_refused(smoke_file, override, message):
+    from tapdist.config import ConfigError
+
+    config = SMOKE_CONFIG.parent / "smoke_hdf5.yaml"
+    cfg = load_config(config, [f"data.path={smoke_file}", override])
+    with pytest.raises(ConfigError, match=message):
+        TapFederation(cfg, CPU)
+
+
+def test_a_federation_file_run_reads_its_tasks_and_splits(smoke_file):
+    cfg = load_config(SMOKE_CONFIG.parent / "smoke_hdf5.yaml", [f"data.path={smoke_file}"])
+    fed = TapFederation(cfg, CPU)
+    assert [c.tasks for c in fed.clients()][3] == ("news", "recon")
+    assert len(fed.train_data(0)["objects"]["label"]) == 32
+    assert len(fed.test_data(0)["objects"]["label"]) == 16
+    assert set(fed.train_data(0)["objects"]["label"].tolist()) <= {0, 1, 2, 3, 4}

@@ -113,8 +113,8 @@ def assert_same_results(run_dir: Path, reference: Path) -> None:
     assert sorted(groups) == sorted(f"client_{c}" for c in want["tap"])
 
 
-def torchrun_train() -> list[str]:
-    """`torchrun --nproc_per_node=3 -m tapdist train SMOKE` on a free port."""
+def torchrun_train(train: list[str] = TRAIN) -> list[str]:
+    """`torchrun --nproc_per_node=3 -m tapdist train CONFIG` on a free port."""
     return [
         sys.executable,
         "-m",
@@ -122,7 +122,7 @@ def torchrun_train() -> list[str]:
         "--nproc_per_node=3",
         "--master_addr=127.0.0.1",
         f"--master_port={free_port()}",
-        *TRAIN[1:],
+        *train[1:],
     ]
 
 
@@ -215,3 +215,33 @@ def test_a_failing_rank_ends_the_job_quickly_and_says_why(tmp_path, launcher):
     assert "tapdist (rank 1): unexpected error" in result.stderr
     assert "injected failure in client 4" in result.stderr
     assert not (tmp_path / "run" / "final").exists()
+
+
+def test_hdf5_federation_gives_the_same_results_under_torchrun(tmp_path):
+    """A federation file (synthetic, both baselines' code paths): 1 process and torchrun -n 3
+    write the same results.json, metrics and personal models."""
+    spec = ROOT / "configs" / "federations" / "smoke.yaml"
+    file = tmp_path / "smoke.h5"
+    build = [sys.executable, "-m", "tapdist", "data", "build", str(spec), "--out", str(file)]
+    subprocess.run(build, env=ENV, check=True, capture_output=True, timeout=120)
+    train = ["-m", "tapdist", "train", str(ROOT / "configs" / "smoke_hdf5.yaml")]
+    data = ("--set", f"data.path={file}")
+    single = run([sys.executable, *train], tmp_path / "single", *data)
+    multi = run(torchrun_train(train), tmp_path / "multi", *data)
+    assert_same_results(multi, single)
+    got, want = (
+        [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+        for d in (multi, single)
+    )
+    assert [x["algorithm"] for x in want] == ["tap"] * 3 + ["local"] * 3
+    for g, w in zip(got, want):
+        assert g.get("replacements") == w.get("replacements")
+        for client, stats in w["clients"].items():
+            values = {k: v for k, v in stats.items() if not k.endswith("_s") and k != "rank"}
+            assert {k: g["clients"][client][k] for k in values} == pytest.approx(values, rel=1e-5)
+    assert set(json.loads((single / "results.json").read_text())) == {
+        "tap",
+        "fedavg",
+        "fedavg_ft",
+        "local",
+    }

@@ -201,3 +201,27 @@ def test_hf_model_without_text_tasks_still_owns_its_frozen_layers():
     assert all(id(p) in owned for b in model.bases for p in b.fc1.parameters())
     model.to(torch.float64)
     assert model.bases[0].q.weight.dtype == torch.float64  # moves with the model
+
+
+def test_shared_attention_gives_the_per_path_result(model):
+    """Paths that share a block's input run its first attention once; the features must equal
+    those of running every path on its own."""
+    from tapdist.models.tap import _experts, _masked_mean, routes
+
+    model.eval()
+    for task, spec in model.tasks.items():
+        batch = batch_for(model, task)
+        _, paths = model(task, batch)
+        naive = []
+        for m in spec.modalities:
+            tokens, mask = model.encoders[m](batch)
+            for r in routes(spec.kind, m, model.settings.paths):
+                x = model.shared_proj(tokens) if r.shared_input else tokens
+                for blocks, grid, key, name in (
+                    (model.mote_blocks, model.mote_experts, r.mote_expert, r.mote_block),
+                    (model.mome_blocks, model.mome_experts, r.mome_expert, r.mome_block),
+                ):
+                    x = blocks[name](x, mask, batch["domain"], _experts(grid, key))
+                naive.append(_masked_mean(x, mask))
+        torch.testing.assert_close(paths, torch.stack(naive, dim=1), rtol=1e-5, atol=1e-5)
+    model.train()

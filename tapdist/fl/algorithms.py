@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +32,7 @@ class ClientUpdate:
     metrics: dict[str, float]
 
 
-class Algorithm:
+class Algorithm(ABC):
     """Hooks of one FL algorithm. The base class trains the global copy and uploads it."""
 
     #: the method key of this algorithm's own final model in results.json
@@ -60,9 +61,9 @@ class Algorithm:
         trained, losses, seconds = self._train(client, global_sub, round_index, generator)
         return ClientUpdate(trained, {**_prefixed("global_loss", losses), "global_s": seconds})
 
+    @abstractmethod
     def finish(self, client: int, global_sub: State, generator: torch.Generator) -> dict:
         """The client's final models after the rounds: method key -> state."""
-        raise NotImplementedError
 
     def round_summary(self, stats: dict[int, dict[str, float]]) -> dict:
         """Algorithm-specific fields of a round's metrics record (every rank sees ``stats``)."""
@@ -100,9 +101,10 @@ class Algorithm:
         data = m.train_data(client)
         batches = plan(data, steps, self.cfg.train.batch_size, generator)
         lr = self.cfg.train.min_lr
-        return m.trainer.train(m.client_keys(client), state, data, batches, lr, generator, **terms)[
-            0
-        ]
+        tuned, _ = m.trainer.train(
+            m.client_keys(client), state, data, batches, lr, generator, **terms
+        )
+        return tuned
 
 
 @ALGORITHMS.register("fedavg")
@@ -249,11 +251,10 @@ class TAP(Algorithm):
     def _losses(self, client, trained, personal, train_loss, generator):
         """(global, personal) loss per task under the configured replacement rule. A client's
         first selection has no personal loss yet (+inf), so it always replaces."""
-        first = client not in self.personal_loss
         if self.cfg.tap.replacement_rule == "stale":
             previous = self.personal_loss.get(client, {})
             return train_loss, {t: previous.get(t, math.inf) for t in train_loss}
-        if first:
+        if client not in self.personal_loss:
             return train_loss, dict.fromkeys(train_loss, math.inf)
         m = self.model
         data = m.train_data(client)
@@ -276,29 +277,27 @@ class TAP(Algorithm):
         return {"replacements": now, "replacements_cumulative": dict(self.replacements)}
 
     def finish(self, client: int, global_sub: State, generator: torch.Generator) -> dict:
+        """Stage 2: fine-tune the teacher, distil the student on the same micro-batches."""
         m, tap = self.model, self.cfg.tap
         personal = self.personal.get(client)
-        if personal is None:
+        if personal is None:  # never sampled: the initial model
             personal = m.initial_substate(client)
-        data = m.train_data(client)
-        out = {"fedavg": global_sub}
-        if tap.finetune_steps == 0:
-            ablations = {ABLATIONS[a]: personal for a in tap.ablations}
-            return {"tap": personal, **out, "fedavg_ft": global_sub, **ablations}
-        names = m.client_keys(client)
-        batches = plan(data, tap.finetune_steps, self.cfg.train.batch_size, generator)
-        lr = self.cfg.train.min_lr
-        teacher = m.trainer.train(names, global_sub, data, batches, lr, generator)[0]
-        targets = m.trainer.outputs(names, teacher, data, batches)
-        kd = distillation_term(self.tasks, tap, targets)
-        student = m.trainer.train(names, personal, data, batches, lr, generator, extra=kd)[0]
+        teacher, student = global_sub, personal
+        if tap.finetune_steps > 0:
+            names, data = m.client_keys(client), m.train_data(client)
+            batches = plan(data, tap.finetune_steps, self.cfg.train.batch_size, generator)
+            lr = self.cfg.train.min_lr
+            teacher, _ = m.trainer.train(names, global_sub, data, batches, lr, generator)
+            targets = m.trainer.outputs(names, teacher, data, batches)
+            kd = distillation_term(self.tasks, tap, targets)
+            student, _ = m.trainer.train(names, personal, data, batches, lr, generator, extra=kd)
         ablations = {
             ABLATIONS[a]: self._finetune(
                 client, personal, generator, 2 if a == "double_finetune" else 1
             )
             for a in tap.ablations
         }
-        return {"tap": student, **out, "fedavg_ft": teacher, **ablations}
+        return {"tap": student, "fedavg": global_sub, "fedavg_ft": teacher, **ablations}
 
 
 def _prefixed(prefix: str, values: dict[str, float]) -> dict[str, float]:

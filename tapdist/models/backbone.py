@@ -197,12 +197,16 @@ def _from_dir(auto, directory: str) -> nn.Module:
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the unused pooler weights are expected, not news
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # one bar per rank per encoder is noise in a job log
     try:
         return _fp32(auto.from_pretrained(directory, add_pooling_layer=False))
     except TypeError:  # architectures without a pooler option
         return _fp32(auto.from_pretrained(directory))
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _fp32(model: nn.Module) -> nn.Module:

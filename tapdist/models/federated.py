@@ -228,24 +228,32 @@ def _federation_file(cfg: Config) -> Path:
 
 
 def _check_file_fits(cfg: Config, meta) -> None:
-    """The config must agree with the federation file it reads."""
-    if cfg.data.tasks or cfg.data.clients:
-        listed = {t.name: t for t in parse_tasks(cfg.data)} if cfg.data.tasks else {}
+    """A config that lists tasks or clients must agree with the federation file it reads (the
+    file's sample counts are the real ones: listed counts are not compared)."""
+    where = f"the federation file {meta.path}"
+    if cfg.data.tasks:
+        listed = {t.name: t for t in parse_tasks(cfg.data)}
         in_file = {t.name: t for t in meta.tasks}
-        if listed and listed != in_file:
-            raise ConfigError(
-                f"data.tasks do not match the tasks of {meta.path} "
-                f"({', '.join(in_file)}); remove data.tasks to use the file's"
+        if listed != in_file:
+            differ = sorted(
+                n for n in listed.keys() | in_file.keys() if listed.get(n) != in_file.get(n)
             )
-        if cfg.data.clients:
             raise ConfigError(
-                f"data.clients is set but data.source = hdf5 reads the clients from {meta.path}; "
-                "remove data.clients"
+                f"data.tasks do not match the tasks of {where}: {', '.join(differ)} differ; "
+                "fix the config or remove data.tasks to use the file's"
+            )
+    if cfg.data.clients:
+        listed = [tuple(c.get("tasks", ())) for c in cfg.data.clients]
+        in_file = [c.tasks for c in meta.clients]
+        if listed != in_file:
+            raise ConfigError(
+                f"data.clients do not match the clients of {where} ({len(in_file)} clients: "
+                f"{[list(t) for t in in_file]}); fix the config or remove data.clients"
             )
     answer_len = cfg.model.answer_len
     if meta.answer_len != answer_len and any(t.kind == "text_gen" for t in meta.tasks):
         raise ConfigError(
-            f"model.answer_len = {answer_len} but {meta.path} holds answers of "
+            f"model.answer_len = {answer_len} but {where} holds answers of "
             f"{meta.answer_len} tokens; set model.answer_len = {meta.answer_len}"
         )
 

@@ -86,9 +86,13 @@ class Expert(nn.Module):
     def base(self) -> LayerBase:
         return self._base[0]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.base.act(adapted(self.base.fc1, self.fc1, x))
-        return adapted(self.base.fc2, self.fc2, h)
+    def forward(self, x: torch.Tensor, frozen_fc1: torch.Tensor | None = None) -> torch.Tensor:
+        """The FFN of ``x``. Experts on one base and one input share the frozen ``fc1(x)``:
+        pass it as ``frozen_fc1`` to compute it once."""
+        pre = self.base.fc1(x) if frozen_fc1 is None else frozen_fc1
+        if self.fc1 is not None:
+            pre = pre + self.fc1(x)
+        return adapted(self.base.fc2, self.fc2, self.base.act(pre))
 
 
 class DomainResidual(nn.Module):
@@ -99,11 +103,17 @@ class DomainResidual(nn.Module):
         self.domains = list(domains)
         self.experts = nn.ModuleDict({d: Expert(base, lora) for d in self.domains})
 
-    def forward(self, x: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, domain: torch.Tensor, frozen_fc1: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        present = torch.unique(domain).tolist()
+        if len(present) == 1:  # the usual case: micro-batches are grouped by domain
+            return x + self.experts[self.domains[present[0]]](x, frozen_fc1)
         out = x.clone()
-        for index in torch.unique(domain).tolist():
+        for index in present:
             rows = domain == index
-            out[rows] = x[rows] + self.experts[self.domains[index]](x[rows])
+            pre = None if frozen_fc1 is None else frozen_fc1[rows]
+            out[rows] = x[rows] + self.experts[self.domains[index]](x[rows], pre)
         return out
 
 
@@ -127,13 +137,25 @@ class GatedLayer(nn.Module):
     def forward(
         self, x: torch.Tensor, key_mask: torch.Tensor | None, domain: torch.Tensor, expert: Expert
     ) -> torch.Tensor:
+        return self.feed_forward(self.attend(x, key_mask, domain), [expert])[0]
+
+    def attend(
+        self, x: torch.Tensor, key_mask: torch.Tensor | None, domain: torch.Tensor
+    ) -> torch.Tensor:
+        """The attention half: ``x + o(attention(q, k, v))`` with MoDE before q and v."""
         b = self.base
         a = b.ln1(x)
-        q = adapted(b.q, self.lora_q, self.mode_q(a, domain))
-        v = adapted(b.v, self.lora_v, self.mode_v(a, domain))
-        k = b.k(a)
-        x = x + b.o(_attention(q, k, v, key_mask, b.heads))
-        return x + expert(b.ln2(x))
+        frozen_fc1 = b.fc1(a)  # both MoDE experts read the same input through the same base
+        q = adapted(b.q, self.lora_q, self.mode_q(a, domain, frozen_fc1))
+        v = adapted(b.v, self.lora_v, self.mode_v(a, domain, frozen_fc1))
+        return x + b.o(_attention(q, b.k(a), v, key_mask, b.heads))
+
+    def feed_forward(self, x: torch.Tensor, experts: list[Expert]) -> list[torch.Tensor]:
+        """The FFN half for each of ``experts`` on the same ``x`` (paths that share the
+        attention), computing the frozen part of their first linear once."""
+        h = self.base.ln2(x)
+        frozen_fc1 = self.base.fc1(h) if len(experts) > 1 else None
+        return [x + expert(h, frozen_fc1) for expert in experts]
 
 
 def _attention(q, k, v, key_mask, heads: int) -> torch.Tensor:

@@ -105,9 +105,16 @@ class Block(nn.Module):
         )
 
     def forward(self, x, mask, domain, experts: list[Expert]) -> torch.Tensor:
-        for layer, expert in zip(self.layers, experts):
-            x = layer(x, mask, domain, expert)
-        return x
+        return self.fan_out(x, mask, domain, [experts])[0]
+
+    def fan_out(self, x, mask, domain, paths: list[list[Expert]]) -> list[torch.Tensor]:
+        """The block on one input for several paths (one expert list each): the first layer's
+        attention runs once, then each path goes on with its own experts."""
+        first, *rest = self.layers
+        outs = first.feed_forward(first.attend(x, mask, domain), [e[0] for e in paths])
+        for i, layer in enumerate(rest, 1):
+            outs = [layer(h, mask, domain, e[i]) for h, e in zip(outs, paths)]
+        return outs
 
 
 class ImageEncoder(nn.Module):
@@ -218,18 +225,29 @@ class TapModel(nn.Module):
         pooled = []
         for m in spec.modalities:
             tokens, mask = self.encoders[m](batch)
-            shared = self.shared_proj(tokens)
-            for r in routes(spec.kind, m, self.settings.paths):
-                x = shared if r.shared_input else tokens
-                x = self.mote_blocks[r.mote_block](
-                    x, mask, domain, _experts(self.mote_experts, r.mote_expert)
-                )
-                x = self.mome_blocks[r.mome_block](
-                    x, mask, domain, _experts(self.mome_experts, r.mome_expert)
-                )
+            inputs = {False: tokens}
+            if any(r.shared_input for r in routes(spec.kind, m, self.settings.paths)):
+                inputs[True] = self.shared_proj(tokens)
+            for r, x in zip(*self._mote(spec.kind, m, inputs, mask, domain)):
+                experts = _experts(self.mome_experts, r.mome_expert)
+                x = self.mome_blocks[r.mome_block](x, mask, domain, experts)
                 pooled.append(_masked_mean(x, mask))
         paths = torch.stack(pooled, dim=1)
         return self.heads[task](paths.mean(dim=1), paths), paths
+
+    def _mote(self, kind, modality, inputs, mask, domain) -> tuple[list[Route], list]:
+        """The MoTE stage of every path of (kind, modality), in path order. Paths that run the
+        same block on the same input (mod-task and mod-shared) share its first attention."""
+        groups: dict[tuple[bool, str], list[Route]] = {}
+        for r in routes(kind, modality, self.settings.paths):
+            groups.setdefault((r.shared_input, r.mote_block), []).append(r)
+        done = {}
+        for (shared, block), group in groups.items():
+            experts = [_experts(self.mote_experts, r.mote_expert) for r in group]
+            outs = self.mote_blocks[block].fan_out(inputs[shared], mask, domain, experts)
+            done.update({r.path: out for r, out in zip(group, outs)})
+        ordered = routes(kind, modality, self.settings.paths)
+        return ordered, [done[r.path] for r in ordered]
 
     def loss(self, task: str, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         out, _ = self(task, batch)
