@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from tapdist import __version__
-from tapdist.config import describe, dump_config, load_config
+from tapdist.config import ConfigError, describe, dump_config, load_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,6 +38,12 @@ def _parser() -> argparse.ArgumentParser:
     _config_args(train)
     train.add_argument(
         "--run-dir", type=Path, help="output folder (default: run.run_dir, else runs/<run.name>)"
+    )
+    train.add_argument(
+        "--resume",
+        type=Path,
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its newest complete checkpoint",
     )
     train.set_defaults(func=_train)
 
@@ -98,7 +104,9 @@ def _train(args: argparse.Namespace) -> int:
     from tapdist.train import train
 
     cfg = load_config(args.config, args.overrides)
-    train(cfg, args.run_dir or cfg.run_dir)
+    if args.resume is not None and args.run_dir is not None and args.run_dir != args.resume:
+        raise ConfigError(f"--resume {args.resume} and --run-dir {args.run_dir}: give one folder")
+    train(cfg, args.resume or args.run_dir or cfg.run_dir, resume=args.resume is not None)
     return 0
 
 

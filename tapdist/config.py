@@ -43,7 +43,7 @@ def option(
 
 @dataclass
 class RunConfig:
-    """Identity of a run: name, seed, output folder, plugins."""
+    """Identity of a run: name, seed, output folder, plugins, checkpoints."""
 
     name: str = option("tapdist", "run name; the default run folder is runs/<name>")
     seed: int = option(41, "seed of every random choice (client sampling, init, batches)", min=0)
@@ -57,6 +57,16 @@ class RunConfig:
         "info", "log level of the server rank", choices=("debug", "info", "warning", "error")
     )
     log_all_ranks: bool = option(False, "let every rank log at log_level, not only the server")
+    checkpoint_every: int = option(
+        10, "write a checkpoint every this many rounds (and always after the last round)", min=1
+    )
+    keep_checkpoints: int = option(2, "complete checkpoints kept; older ones are removed", min=1)
+    rounds_per_job: int = option(
+        0,
+        "end the job cleanly after this many rounds, with a checkpoint, for queues with a time "
+        "limit; `tapdist train CONFIG --resume RUN_DIR` continues (0: run every round)",
+        min=0,
+    )
 
 
 @dataclass

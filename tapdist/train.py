@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -9,7 +10,9 @@ from pathlib import Path
 from tapdist.checkpoint import save_state, save_states, write_text
 from tapdist.config import Config, ConfigError, dump_config
 from tapdist.dist import DistContext, init_context
+from tapdist.dist.launch import restart_count
 from tapdist.errors import exit_code, report
+from tapdist.fl.checkpoints import Checkpoint, Checkpointer
 from tapdist.fl.loop import RoundLoop
 from tapdist.fl.topology import Topology
 from tapdist.logs import setup_logging
@@ -19,13 +22,14 @@ from tapdist.results import format_table, write_results
 log = logging.getLogger(__name__)
 
 
-def train(cfg: Config, run_dir: Path) -> None:
-    """Join the other ranks, run every round, and write the run folder (server only)."""
+def train(cfg: Config, run_dir: Path, resume: bool = False) -> None:
+    """Join the other ranks, run every round (from the newest checkpoint in ``run_dir`` when
+    ``resume``), and write the run folder."""
     load_builtins()
     load_plugins(cfg.run.plugins, Path(cfg.source).parent if cfg.source else None)
     ctx = init_context(cfg.dist)
     try:
-        _train(cfg, ctx, run_dir)
+        _train(cfg, ctx, run_dir, resume)
     except Exception as err:
         if not ctx.is_distributed:
             raise
@@ -36,7 +40,7 @@ def train(cfg: Config, run_dir: Path) -> None:
     ctx.close()
 
 
-def _train(cfg: Config, ctx: DistContext, run_dir: Path) -> None:
+def _train(cfg: Config, ctx: DistContext, run_dir: Path, resume: bool) -> None:
     setup_logging(
         ctx.rank, ctx.world_size, cfg.run.log_level, cfg.run.log_all_ranks, is_server=ctx.rank == 0
     )
@@ -57,8 +61,15 @@ def _train(cfg: Config, ctx: DistContext, run_dir: Path) -> None:
         cfg.dist.allow_idle_ranks,
     )
     server = topology.is_server(ctx.rank)
+    checkpoints = Checkpointer(cfg, ctx, topology, run_dir)
+    start = None
+    if resume:
+        start = _resume_point(checkpoints, run_dir, names, required=True)
+    elif restart_count() > 0:  # a launcher restarted the job: go on from its last checkpoint
+        start = _resume_point(checkpoints, run_dir, names, required=False)
     if server:
-        _start_run_dir(cfg, run_dir)
+        if start is None:
+            _start_run_dir(cfg, run_dir)
         log.info(
             "run %s: %s on %d ranks (%s, %s on %s), %d clients, %d rounds -> %s",
             cfg.run.name,
@@ -71,22 +82,100 @@ def _train(cfg: Config, ctx: DistContext, run_dir: Path) -> None:
             cfg.federation.rounds,
             run_dir,
         )
-    results: dict = {}
+    results = dict(start.manifest["results"]) if start else {}
+    budget = [cfg.run.rounds_per_job or cfg.federation.rounds * len(names)]
     for i, name in enumerate(names):
-        algorithm = ALGORITHMS.get(name)(cfg, model)
-        loop = RoundLoop(cfg, ctx, model, algorithm, topology, run_dir / "metrics.jsonl")
-        final = loop.run()
-        part, own = loop.finish(final)
-        for method, per_client in part.items():
-            results.setdefault(method, per_client)  # the main algorithm's entry wins
-        if i == 0:
-            _save_finals(cfg, ctx, run_dir, final if server else None, own)
+        if start is not None and i < start.algorithm_index:
+            continue
+        job = (cfg, ctx, model, topology, checkpoints, run_dir)
+        finished = _run_algorithm(job, i, name, start, results, budget)
+        if not finished:
+            if server:
+                log.info(
+                    "stopped after run.rounds_per_job = %d rounds; continue with "
+                    "`tapdist train CONFIG --resume %s`",
+                    cfg.run.rounds_per_job,
+                    run_dir,
+                )
+            ctx.barrier("end of job")
+            return
     if server:
         write_results(run_dir, results, title=f"{cfg.run.name}: {', '.join(results)}")
         log.info("results: %s", run_dir / "results.md")
         print(format_table(results), flush=True)
         log.info("done in %.1fs", time.perf_counter() - started)
     ctx.barrier("end of run")
+
+
+def _run_algorithm(job, index, name, start, results: dict, budget: list[int]) -> bool:
+    """Algorithm ``index`` from its start (or the checkpoint) to its results, within the job's
+    round budget; False when the budget ends it early (after a checkpoint)."""
+    cfg, ctx, model, topology, checkpoints, run_dir = job
+    algorithm = ALGORITHMS.get(name)(cfg, model)
+    loop = RoundLoop(cfg, ctx, model, algorithm, topology, run_dir / "metrics.jsonl", name)
+    first, state = 0, None
+    if start is not None and index == start.algorithm_index:
+        first, state = _restore(start, algorithm, topology.clients_of(ctx.rank))
+    last = min(cfg.federation.rounds, first + budget[0])
+    budget[0] -= last - first
+
+    def after_round(r: int, state: dict) -> None:
+        if checkpoints.due(r) or r + 1 == last:
+            checkpoints.save(index, name, algorithm, r + 1, state, results)
+
+    final = loop.run(state, first, last, after_round)
+    if last < cfg.federation.rounds:
+        return False
+    part, own = loop.finish(final)
+    for method, per_client in part.items():
+        results.setdefault(method, per_client)  # the main algorithm's entry wins
+    if index == 0:
+        server = topology.is_server(ctx.rank)
+        _save_finals(cfg, ctx, run_dir, final if server else None, own)
+    return True
+
+
+def _resume_point(
+    checkpoints: Checkpointer, run_dir: Path, names: list[str], required: bool
+) -> Checkpoint | None:
+    start = checkpoints.latest()
+    if start is None and not required:
+        return None
+    if start is None:
+        raise ConfigError(
+            f"--resume {run_dir}: no complete checkpoint in {checkpoints.root}; "
+            "start the run without --resume"
+        )
+    if start.manifest["algorithm"] != names[start.algorithm_index]:
+        raise ConfigError(
+            f"cannot resume from {start.folder}: it holds algorithm "
+            f"'{start.manifest['algorithm']}' where this config runs "
+            f"'{names[start.algorithm_index]}'"
+        )
+    _trim_metrics(run_dir / "metrics.jsonl", names, start)
+    log.info("resuming from %s (restart %d)", start.folder, restart_count())
+    return start
+
+
+def _restore(start: Checkpoint, algorithm, hosted) -> tuple[int, dict]:
+    """The checkpoint's round and global state, with the algorithm's state restored."""
+    algorithm.load_state_dict(start.manifest["algorithm_state"])
+    for client, state in start.client_states(set(hosted)).items():
+        algorithm.load_client_state(client, state)
+    return start.round, start.global_state()
+
+
+def _trim_metrics(path: Path, names: list[str], start: Checkpoint) -> None:
+    """Drop the metrics lines of rounds after the checkpoint (they will run again)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        index = names.index(record["algorithm"])
+        if (index, record["round"]) < (start.algorithm_index, start.round):
+            kept.append(line)
+    write_text(path, "".join(x + "\n" for x in kept))
 
 
 def _algorithms(cfg: Config) -> list[str]:

@@ -174,8 +174,15 @@ def _make_store(init_method: str, launch: Launch, timeout_s: float) -> Any:
     if init_method.startswith("tcp://"):
         host, _, port = init_method.removeprefix("tcp://").rpartition(":")
         # Under torchrun the agent already serves a store at MASTER_PORT; every rank joins it.
-        serve = launch.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
-        return dist.TCPStore(host, int(port), launch.world_size, serve, timeout=timeout)
+        # It outlives restarts of the workers, so each attempt keeps its keys apart.
+        agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        store = dist.TCPStore(
+            host, int(port), launch.world_size, launch.rank == 0 and not agent, timeout=timeout
+        )
+        if agent:
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            store = dist.PrefixStore(f"tapdist/attempt_{attempt}/", store)
+        return store
     raise DistError(f"init method {init_method!r} must start with tcp:// or file://")
 
 

@@ -202,3 +202,11 @@ def local_torchrun_command(processes: int, args: list[str]) -> list[str]:
         "tapdist",
         *args,
     ]
+
+
+def restart_count(env: Mapping[str, str] | None = None) -> int:
+    """How often the launcher has restarted this job: torchrun's elastic restarts
+    (``TORCHELASTIC_RESTART_COUNT``) or a requeued Slurm job (``SLURM_RESTART_COUNT``)."""
+    env = os.environ if env is None else env
+    counts = (env.get("TORCHELASTIC_RESTART_COUNT", "0"), env.get("SLURM_RESTART_COUNT", "0"))
+    return max(int(c) if c.isdigit() else 0 for c in counts)

@@ -69,6 +69,26 @@ class Algorithm(ABC):
         """Algorithm-specific fields of a round's metrics record (every rank sees ``stats``)."""
         return {}
 
+    # --- what a checkpoint saves beyond the global state -----------------------------------
+
+    def client_state(self, client: int) -> State:
+        """The tensors this algorithm keeps for ``client`` between rounds (empty: none)."""
+        return {}
+
+    def load_client_state(self, client: int, state: State) -> None:
+        """Restore what :meth:`client_state` returned."""
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no client state; got {sorted(state)}")
+
+    def state_dict(self) -> dict:
+        """Small JSON-able state shared by every rank (identical on all of them)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no shared state; got {sorted(state)}")
+
     # --- shared steps -----------------------------------------------------------------------
 
     def _train(
@@ -142,6 +162,13 @@ class Local(Algorithm):
         state = self.own.get(client, global_sub)  # round-0 global state = the initial model
         self.own[client], losses, seconds = self._train(client, state, round_index, generator)
         return ClientUpdate({}, {**_prefixed("local_loss", losses), "local_s": seconds})
+
+    def client_state(self, client: int) -> State:
+        return _prefixed("own", self.own[client]) if client in self.own else {}
+
+    def load_client_state(self, client: int, state: State) -> None:
+        if state:
+            self.own[client] = _unprefixed("own", state)
 
     def finish(self, client: int, global_sub: State, generator: torch.Generator) -> dict:
         own = self.own.get(client, self.model.initial_substate(client))
@@ -264,6 +291,27 @@ class TAP(Algorithm):
             names, personal, data, batches
         )
 
+    def client_state(self, client: int) -> State:
+        if client not in self.personal:
+            return {}
+        losses = {
+            t: torch.tensor(v, dtype=torch.float64) for t, v in self.personal_loss[client].items()
+        }
+        return {**_prefixed("personal", self.personal[client]), **_prefixed("loss", losses)}
+
+    def load_client_state(self, client: int, state: State) -> None:
+        if state:
+            self.personal[client] = _unprefixed("personal", state)
+            self.personal_loss[client] = {
+                t: float(v) for t, v in _unprefixed("loss", state).items()
+            }
+
+    def state_dict(self) -> dict:
+        return {"replacements": dict(self.replacements)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.replacements.update(state.get("replacements", {}))
+
     def margin(self, task: str) -> float:
         return getattr(self.cfg.tap, f"margin_{self.tasks[task]}")
 
@@ -300,8 +348,13 @@ class TAP(Algorithm):
         return {"tap": student, "fedavg": global_sub, "fedavg_ft": teacher, **ablations}
 
 
-def _prefixed(prefix: str, values: dict[str, float]) -> dict[str, float]:
+def _prefixed(prefix: str, values: dict) -> dict:
     return {f"{prefix}.{k}": v for k, v in values.items()}
+
+
+def _unprefixed(prefix: str, values: dict) -> dict:
+    head = prefix + "."
+    return {k[len(head) :]: v for k, v in values.items() if k.startswith(head)}
 
 
 def _now() -> float:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -58,8 +58,10 @@ class RoundLoop:
         algorithm: Algorithm,
         topology: Topology,
         metrics_path: Path | None = None,
+        name: str = "",
     ):
         self.cfg, self.ctx, self.model, self.algorithm = cfg, ctx, model, algorithm
+        self.name = name or algorithm.method  # the registered name, as metrics record it
         self.topology = topology
         self.layout = FlatLayout.from_shapes(model.union_shapes())
         self.clients = list(model.clients())
@@ -69,19 +71,28 @@ class RoundLoop:
         self.deltas = sends_deltas(cfg.dist.transport_dtype)
         self.metrics_path = metrics_path if topology.is_server(ctx.rank) else None
 
-    def run(self) -> State:
-        """All rounds from the model's initial state; returns the final global state."""
-        state = self.initial_state()
-        rounds = self.cfg.federation.rounds
-        name = self.algorithm.method
-        with Progress(f"{name} rounds", rounds, enabled=self.metrics_path is not None) as bar:
-            for r in range(rounds):
+    def run(
+        self,
+        state: State | None = None,
+        start: int = 0,
+        stop: int | None = None,
+        after_round: Callable[[int, State], None] | None = None,
+    ) -> State:
+        """Rounds ``start`` to ``stop`` (default: all) from ``state`` (default: the model's
+        initial state); ``after_round(r, state)`` runs after each. Returns the global state."""
+        state = self.initial_state() if state is None else state
+        stop = self.cfg.federation.rounds if stop is None else stop
+        server = self.metrics_path is not None
+        with Progress(f"{self.name} rounds", stop - start, enabled=server) as bar:
+            for r in range(start, stop):
                 state, record = self.round(r, state)
-                if self.metrics_path is not None:
+                if server:
                     self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
                     with self.metrics_path.open("a") as out:
                         out.write(json.dumps(record) + "\n")
-                    bar.step(_summary(record))
+                    bar.step(f"round {r + 1}: {_summary(record)}")
+                if after_round is not None:
+                    after_round(r, state)
         return state
 
     def finish(self, state: State) -> tuple[dict, dict[int, State]]:
@@ -97,7 +108,7 @@ class RoundLoop:
         hosted = self.topology.clients_of(self.ctx.rank)
         own = {}
         server = self.metrics_path is not None
-        label = f"{self.algorithm.method} post-FL stage and evaluation"
+        label = f"{self.name} post-FL stage and evaluation"
         with Progress(label, len(hosted), enabled=server) as bar:
             for client in hosted:
                 models = self._finish_client(client, state)
@@ -108,7 +119,7 @@ class RoundLoop:
                 own[client] = models[self.algorithm.method]
                 bar.step(f"client {client}")
         values = values.to(self.ctx.device)
-        self.ctx.all_reduce(values, f"{self.algorithm.method} results all_reduce")
+        self.ctx.all_reduce(values, f"{self.name} results all_reduce")
         return _results(slots, values.cpu().tolist(), self.model.task_kinds()), own
 
     def _finish_client(self, client: int, state: State) -> dict[str, State]:
@@ -193,7 +204,7 @@ class RoundLoop:
             busy[rank] = busy.get(rank, 0.0) + row[-1]
         started, trained, done = times
         return {
-            "algorithm": self.algorithm.method,
+            "algorithm": self.name,
             "round": r,
             "sampled": list(sampled),
             "clients": clients,

@@ -1,0 +1,162 @@
+"""Checkpoints of a run, and resuming from the newest complete one at any world size.
+
+A checkpoint is a folder ``RUN_DIR/checkpoints/<i>-<algorithm>-round<NNNNNN>/`` holding
+
+- ``global.h5``: the global state after that round (written by the server);
+- ``clients-rank<NNNN>.h5``: what the algorithm keeps for each client the rank hosts (TAP's
+  personal models and their last losses; Local's models), one group per client;
+- ``MANIFEST.json``, written last by the server once every rank has written its file: the
+  algorithm, the round, the algorithm's shared state, the results of algorithms the job already
+  finished, and the resolved config.
+
+Every file is written atomically (temp, fsync, rename) and a folder without its manifest is
+never read, so a crash mid-write leaves the previous checkpoint in charge. Sampling and client
+seeds are functions of (seed, round, client), so the round counter is the whole random state.
+A rank of a resumed run reads every ``clients-*.h5`` and keeps the clients it now hosts: the
+world size may change between jobs (the files must be on a filesystem every rank sees).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from tapdist.checkpoint import load_state, load_states, save_state, save_states, write_text
+from tapdist.config import Config, ConfigError
+from tapdist.dist import DistContext
+from tapdist.fl.algorithms import Algorithm
+from tapdist.fl.topology import Topology
+from tapdist.models.base import State
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "MANIFEST.json"
+FORMAT = "tapdist-checkpoint"
+# sections whose values decide the numbers; a resumed run must not change them
+_FIXED = ("model", "federation", "train", "tap", "data")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A complete checkpoint on disk."""
+
+    folder: Path
+    manifest: dict
+
+    @property
+    def algorithm_index(self) -> int:
+        return self.manifest["algorithm_index"]
+
+    @property
+    def round(self) -> int:
+        """Rounds completed."""
+        return self.manifest["round"]
+
+    def global_state(self) -> State:
+        return load_state(self.folder / "global.h5")
+
+    def client_states(self, clients: set[int]) -> dict[int, State]:
+        """What the algorithm kept for ``clients``, from every rank's file."""
+        out = {}
+        for path in sorted(self.folder.glob("clients-rank*.h5")):
+            for group, state in load_states(path).items():
+                client = int(group.removeprefix("client_"))
+                if client in clients:
+                    out[client] = state
+        return out
+
+
+class Checkpointer:
+    """Writes a run's checkpoints and finds the one to resume from."""
+
+    def __init__(self, cfg: Config, ctx: DistContext, topology: Topology, run_dir: Path):
+        self.cfg, self.ctx, self.topology = cfg, ctx, topology
+        self.root = run_dir / "checkpoints"
+        self.server = topology.is_server(ctx.rank)
+
+    def due(self, round_index: int) -> bool:
+        """Whether the round just completed (0-based ``round_index``) gets a checkpoint."""
+        done = round_index + 1
+        return done % self.cfg.run.checkpoint_every == 0 or done == self.cfg.federation.rounds
+
+    def save(
+        self,
+        index: int,
+        name: str,
+        algorithm: Algorithm,
+        rounds_done: int,
+        state: State,
+        results: dict,
+    ) -> None:
+        """Write the checkpoint after ``rounds_done`` rounds of algorithm number ``index``
+        (registered as ``name``)."""
+        folder = self.root / f"{index}-{name}-round{rounds_done:06d}"
+        hosted = self.topology.clients_of(self.ctx.rank)
+        own = {f"client_{c}": algorithm.client_state(c) for c in hosted}
+        if self.server:
+            save_state(folder / "global.h5", state)
+        if any(own.values()):
+            save_states(folder / f"clients-rank{self.ctx.rank:04d}.h5", own)
+        self.ctx.barrier(f"checkpoint after round {rounds_done}")
+        if self.server:
+            manifest = {
+                "format": FORMAT,
+                "algorithm": name,
+                "algorithm_index": index,
+                "round": rounds_done,
+                "world_size": self.ctx.world_size,
+                "algorithm_state": algorithm.state_dict(),
+                "results": results,
+                "config": self.cfg.to_dict(),
+            }
+            write_text(folder / MANIFEST, json.dumps(manifest, indent=1))
+            self._prune(folder)
+            log.info("checkpoint: %s", folder)
+
+    def latest(self) -> Checkpoint | None:
+        """The newest complete checkpoint, checked against this run's config."""
+        for folder in sorted(self.root.glob("*-round*"), key=_order, reverse=True):
+            try:
+                manifest = json.loads((folder / MANIFEST).read_text())
+            except (OSError, ValueError):
+                continue  # not complete: a crash before its manifest
+            if manifest.get("format") == FORMAT:
+                self._check_config(folder, manifest["config"])
+                return Checkpoint(folder, manifest)
+        return None
+
+    def _check_config(self, folder: Path, saved: dict) -> None:
+        now = self.cfg.to_dict()
+        changed = [
+            f"{section}.{key}"
+            for section in _FIXED
+            for key in saved[section]
+            if saved[section][key] != now[section].get(key) and f"{section}.{key}" != "data.path"
+        ]
+        if saved["run"]["seed"] != now["run"]["seed"]:
+            changed.append("run.seed")
+        if changed:
+            raise ConfigError(
+                f"cannot resume from {folder}: the config changed ({', '.join(changed)}); "
+                "resume with the config the run started with (RUN_DIR/config.yaml)"
+            )
+
+    def _prune(self, newest: Path) -> None:
+        """Keep the newest ``run.keep_checkpoints`` complete checkpoints, drop the rest."""
+        complete = [
+            f
+            for f in sorted(self.root.glob("*-round*"), key=_order, reverse=True)
+            if (f / MANIFEST).exists()
+        ]
+        keep = set(complete[: self.cfg.run.keep_checkpoints]) | {newest}
+        for folder in self.root.glob("*-round*"):
+            if folder not in keep and _order(folder) < _order(newest):
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+def _order(folder: Path) -> tuple[int, int]:
+    index, _, rest = folder.name.partition("-")
+    return int(index), int(rest.rpartition("round")[2])

@@ -1,0 +1,147 @@
+"""Checkpoints: a run split over several jobs, resumed at another world size, or interrupted
+mid-checkpoint gives the results of an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import SMOKE_CONFIG, TESTS
+
+from tapdist.checkpoint import load_state, load_states
+from tapdist.cli import main
+from tapdist.config import ConfigError, load_config
+from tapdist.dist.launch import free_port
+from tapdist.train import train
+
+DYING_PLUGIN = TESTS / "plugins" / "dying.py"
+# TAP then Local, so checkpoints hold personal models, Local's models and finished results
+SETTINGS = ["federation.baselines=[local]", "run.checkpoint_every=1", "tap.finetune_steps=2"]
+
+
+def run_cli(run_dir, *extra, resume=False):
+    args = ["train", str(SMOKE_CONFIG), *(a for s in SETTINGS for a in ("--set", s))]
+    where = ["--resume", str(run_dir)] if resume else ["--run-dir", str(run_dir)]
+    assert main([*args, *where, *extra]) == 0
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("whole") / "run"
+    run_cli(run_dir)
+    return run_dir
+
+
+def assert_same_outcome(run_dir, reference, algorithms=("tap", "local")):
+    """Same results, final global and personal states (bit for bit), and metrics rounds."""
+    got, want = (json.loads((d / "results.json").read_text()) for d in (run_dir, reference))
+    assert got == want
+    ours, theirs = (load_state(d / "final" / "global.h5") for d in (run_dir, reference))
+    assert all(torch.equal(ours[n], theirs[n]) for n in theirs)
+
+    def personal(d):
+        return {
+            g: s for p in (d / "final").glob("personal-*.h5") for g, s in load_states(p).items()
+        }
+
+    mine, want = personal(run_dir), personal(reference)
+    assert sorted(mine) == sorted(want)
+    assert all(torch.equal(mine[c][n], want[c][n]) for c in want for n in want[c])
+    rounds = [
+        (x["algorithm"], x["round"])
+        for x in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    ]
+    assert rounds == [(a, r) for a in algorithms for r in range(3)]
+
+
+def test_a_run_split_over_jobs_equals_the_whole_run(tmp_path, uninterrupted):
+    run_dir = tmp_path / "run"
+    run_cli(run_dir, "--set", "run.rounds_per_job=2")  # tap rounds 0-1
+    assert not (run_dir / "results.json").exists()
+    run_cli(run_dir, "--set", "run.rounds_per_job=2", resume=True)  # tap round 2, local 0
+    run_cli(run_dir, "--set", "run.rounds_per_job=2", resume=True)  # local 1-2, results
+    assert_same_outcome(run_dir, uninterrupted)
+    kept = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert kept == ["1-local-round000002", "1-local-round000003"]  # run.keep_checkpoints = 2
+
+
+def test_a_half_written_checkpoint_is_never_loaded(tmp_path, uninterrupted):
+    run_dir = tmp_path / "run"
+    run_cli(run_dir, "--set", "run.rounds_per_job=2")
+    torn = run_dir / "checkpoints" / "0-tap-round000003"  # newer, but its manifest is missing
+    shutil.copytree(run_dir / "checkpoints" / "0-tap-round000002", torn)
+    (torn / "MANIFEST.json").unlink()
+    (torn / "global.h5").write_bytes(b"torn")
+    run_cli(run_dir, resume=True)
+    assert_same_outcome(run_dir, uninterrupted)
+
+
+def test_resuming_refuses_a_changed_config_and_a_run_without_checkpoints(tmp_path):
+    run_dir = tmp_path / "run"
+    run_cli(run_dir, "--set", "run.rounds_per_job=1")
+    cfg = load_config(SMOKE_CONFIG, [*SETTINGS, "train.lr=0.01"])
+    with pytest.raises(ConfigError, match=r"the config changed \(train.lr\)"):
+        train(cfg, run_dir, resume=True)
+    with pytest.raises(ConfigError, match="no complete checkpoint"):
+        train(load_config(SMOKE_CONFIG, SETTINGS), tmp_path / "empty", resume=True)
+
+
+@pytest.mark.integration
+def test_a_run_resumed_at_another_world_size_equals_the_whole_run(tmp_path):
+    """Rounds 0-1 of TAP under torchrun -n 3, the rest as one process, against one process
+    throughout; all with one intra-op thread, so the bits agree."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    settings = [a for s in SETTINGS for a in ("--set", s)]
+    train = ["-m", "tapdist", "train", str(SMOKE_CONFIG), *settings]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=3",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        *train[1:],
+    ]
+    run_dir, reference = tmp_path / "run", tmp_path / "whole"
+    for cmd in (
+        [sys.executable, *train, "--run-dir", str(reference)],
+        [*torchrun, "--run-dir", str(run_dir), "--set", "run.rounds_per_job=2"],
+        [sys.executable, *train, "--resume", str(run_dir)],
+    ):
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+    assert_same_outcome(run_dir, reference)
+
+
+@pytest.mark.integration
+def test_a_rank_killed_mid_round_restarts_and_ends_as_the_whole_run(tmp_path):
+    """torchrun --max-restarts=1: the rank hosting client 2 dies (SIGKILL) in round 2; the
+    restarted job resumes from the round-2 checkpoint and ends as an uninterrupted run."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    settings = [a for s in SETTINGS for a in ("--set", s)]
+    train = ["-m", "tapdist", "train", str(SMOKE_CONFIG), *settings]
+    dying = ["--set", f"run.plugins=[{DYING_PLUGIN}]", "--set", "federation.algorithm=tap_dying"]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=3",
+        "--max-restarts=1",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        *train[1:],
+    ]
+    run_dir, reference = tmp_path / "run", tmp_path / "whole"
+    whole = [sys.executable, *train, "--run-dir", str(reference)]
+    done = subprocess.run(whole, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    faulty = [*torchrun, "--run-dir", str(run_dir), *dying]
+    done = subprocess.run(faulty, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "resuming from" in done.stderr and "0-tap_dying-round000002" in done.stderr
+    assert_same_outcome(run_dir, reference, algorithms=("tap_dying", "local"))
