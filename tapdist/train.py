@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
+import threading
 import time
 from pathlib import Path
+
+import torch
 
 from tapdist.checkpoint import save_state, save_states, write_text
 from tapdist.config import Config, ConfigError, dump_config
@@ -84,17 +88,18 @@ def _train(cfg: Config, ctx: DistContext, run_dir: Path, resume: bool) -> None:
         )
     results = dict(start.manifest["results"]) if start else {}
     budget = [cfg.run.rounds_per_job or cfg.federation.rounds * len(names)]
+    stop = StopRequest(ctx)
     for i, name in enumerate(names):
         if start is not None and i < start.algorithm_index:
             continue
         job = (cfg, ctx, model, topology, checkpoints, run_dir)
-        finished = _run_algorithm(job, i, name, start, results, budget)
-        if not finished:
+        if not _run_algorithm(job, i, name, start, results, budget, stop):
             if server:
+                why = "run.rounds_per_job" if budget[0] == 0 else "a stop signal"
                 log.info(
-                    "stopped after run.rounds_per_job = %d rounds; continue with "
+                    "stopped by %s after a checkpoint; continue with "
                     "`tapdist train CONFIG --resume %s`",
-                    cfg.run.rounds_per_job,
+                    why,
                     run_dir,
                 )
             ctx.barrier("end of job")
@@ -107,9 +112,11 @@ def _train(cfg: Config, ctx: DistContext, run_dir: Path, resume: bool) -> None:
     ctx.barrier("end of run")
 
 
-def _run_algorithm(job, index, name, start, results: dict, budget: list[int]) -> bool:
+def _run_algorithm(
+    job, index: int, name: str, start, results: dict, budget: list[int], stop: StopRequest
+) -> bool:
     """Algorithm ``index`` from its start (or the checkpoint) to its results, within the job's
-    round budget; False when the budget ends it early (after a checkpoint)."""
+    round budget; False when the budget or a stop signal ends it early (after a checkpoint)."""
     cfg, ctx, model, topology, checkpoints, run_dir = job
     algorithm = ALGORITHMS.get(name)(cfg, model)
     loop = RoundLoop(cfg, ctx, model, algorithm, topology, run_dir / "metrics.jsonl", name)
@@ -117,14 +124,18 @@ def _run_algorithm(job, index, name, start, results: dict, budget: list[int]) ->
     if start is not None and index == start.algorithm_index:
         first, state = _restore(start, algorithm, topology.clients_of(ctx.rank))
     last = min(cfg.federation.rounds, first + budget[0])
-    budget[0] -= last - first
+    done = [first]
 
-    def after_round(r: int, state: dict) -> None:
-        if checkpoints.due(r) or r + 1 == last:
+    def after_round(r: int, state: dict) -> bool:
+        done[0] = r + 1
+        stopping = stop.agreed(f"round {r} stop check")
+        if checkpoints.due(r) or r + 1 == last or stopping:
             checkpoints.save(index, name, algorithm, r + 1, state, results)
+        return stopping
 
     final = loop.run(state, first, last, after_round)
-    if last < cfg.federation.rounds:
+    budget[0] -= done[0] - first
+    if done[0] < cfg.federation.rounds:
         return False
     part, own = loop.finish(final)
     for method, per_client in part.items():
@@ -133,6 +144,32 @@ def _run_algorithm(job, index, name, start, results: dict, budget: list[int]) ->
         server = topology.is_server(ctx.rank)
         _save_finals(cfg, ctx, run_dir, final if server else None, own)
     return True
+
+
+class StopRequest:
+    """SIGTERM or SIGUSR1 (a scheduler ending or preempting the job, e.g. Slurm's
+    ``--signal``) asks the run to stop after the current round, with a checkpoint. Ranks may get
+    the signal at different moments, so they agree on it after every round."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self, ctx: DistContext):
+        self.ctx, self.signal = ctx, 0
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+        log.warning("got signal %d: stopping after this round, with a checkpoint", signum)
+
+    def agreed(self, what: str) -> bool:
+        """Whether any rank got a stop signal (one tiny all_reduce when distributed)."""
+        if not self.ctx.is_distributed:
+            return bool(self.signal)
+        flag = torch.tensor([float(self.signal)], device=self.ctx.device)
+        self.ctx.all_reduce(flag, what)
+        return bool(flag.item())
 
 
 def _resume_point(

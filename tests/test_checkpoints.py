@@ -20,6 +20,7 @@ from tapdist.dist.launch import free_port
 from tapdist.train import train
 
 DYING_PLUGIN = TESTS / "plugins" / "dying.py"
+PREEMPTED_PLUGIN = TESTS / "plugins" / "preempted.py"
 # TAP then Local, so checkpoints hold personal models, Local's models and finished results
 SETTINGS = ["federation.baselines=[local]", "run.checkpoint_every=1", "tap.finetune_steps=2"]
 
@@ -145,3 +146,37 @@ def test_a_rank_killed_mid_round_restarts_and_ends_as_the_whole_run(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "resuming from" in done.stderr and "0-tap_dying-round000002" in done.stderr
     assert_same_outcome(run_dir, reference, algorithms=("tap_dying", "local"))
+
+
+@pytest.mark.integration
+def test_sigterm_on_one_rank_checkpoints_and_ends_the_job_cleanly(tmp_path):
+    """One rank of three gets SIGTERM in round 1: every rank stops after that round with a
+    checkpoint and exit code 0, and --resume ends as an uninterrupted run."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    plugin = ["--set", f"run.plugins=[{PREEMPTED_PLUGIN}]"]
+    settings = [*(a for s in SETTINGS for a in ("--set", s)), *plugin]
+    train = ["-m", "tapdist", "train", str(SMOKE_CONFIG), *settings]
+    preempted = ["--set", "federation.algorithm=tap_preempted"]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=3",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        *train[1:],
+    ]
+    run_dir, reference = tmp_path / "run", tmp_path / "whole"
+    for cmd in (
+        [sys.executable, *train, "--run-dir", str(reference)],
+        [*torchrun, "--run-dir", str(run_dir), *preempted],
+    ):
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+    assert "stopped by a stop signal" in done.stderr
+    assert not (run_dir / "results.json").exists()
+    assert (run_dir / "checkpoints" / "0-tap_preempted-round000002" / "MANIFEST.json").exists()
+    resume = [sys.executable, *train, *preempted, "--resume", str(run_dir)]
+    done = subprocess.run(resume, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert_same_outcome(run_dir, reference, algorithms=("tap_preempted", "local"))

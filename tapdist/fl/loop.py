@@ -76,10 +76,11 @@ class RoundLoop:
         state: State | None = None,
         start: int = 0,
         stop: int | None = None,
-        after_round: Callable[[int, State], None] | None = None,
+        after_round: Callable[[int, State], bool] | None = None,
     ) -> State:
         """Rounds ``start`` to ``stop`` (default: all) from ``state`` (default: the model's
-        initial state); ``after_round(r, state)`` runs after each. Returns the global state."""
+        initial state); ``after_round(r, state)`` runs after each and ends the loop early by
+        returning True. Returns the global state."""
         state = self.initial_state() if state is None else state
         stop = self.cfg.federation.rounds if stop is None else stop
         server = self.metrics_path is not None
@@ -91,8 +92,8 @@ class RoundLoop:
                     with self.metrics_path.open("a") as out:
                         out.write(json.dumps(record) + "\n")
                     bar.step(f"round {r + 1}: {_summary(record)}")
-                if after_round is not None:
-                    after_round(r, state)
+                if after_round is not None and after_round(r, state):
+                    break
         return state
 
     def finish(self, state: State) -> tuple[dict, dict[int, State]]:
