@@ -63,18 +63,35 @@ BAD_INPUT = [
         2,
         ["data.text_len = 64", "40 positions"],
     ),
+    (["{cfg}", "--set", "model.pretrained=missing"], 2, ["model.pretrained", "no such directory"]),
+    (["{cfg}", "--set", "model.pretrained={tmp}"], 2, ["holds no config.json", "save_pretrained"]),
+    (["{cfg}", "--set", "model.pretrained={bert}"], 2, ["holds a 'bert' model", "flava"]),
+    (["{cfg}", "--set", "data.source=hdf5"], 2, ["data.path", "tapdist data build"]),
+    (
+        ["{cfg}", "--set", "data.source=hdf5", "--set", "data.path=none.h5"],
+        2,
+        ["none.h5", "federation file not found", "tapdist data build"],
+    ),
 ]
 
 
 @pytest.mark.parametrize("args, code, words", BAD_INPUT)
 def test_bad_input_exits_nonzero_with_a_clear_message(smoke_config, tmp_path, args, code, words):
-    args = ["train"] + [a.replace("{cfg}", str(smoke_config)) for a in args]
-    result = run_cli(*args, "--run-dir", str(tmp_path / "run"), cwd=tmp_path)
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text('{"model_type": "bert"}')
+    places = {"{cfg}": smoke_config, "{tmp}": tmp_path, "{bert}": tmp_path / "bert"}
+    for key, value in places.items():
+        args = [a.replace(key, str(value)) for a in args]
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text("an earlier run's metrics\n")
+    result = run_cli("train", *args, "--run-dir", str(run_dir), cwd=tmp_path)
     assert result.returncode == code, result.stderr
     for word in words:
         assert word in result.stderr
     assert "Traceback" not in result.stderr
-    assert not (tmp_path / "run" / "final").exists()
+    assert not (run_dir / "final").exists()
+    assert (run_dir / "metrics.jsonl").read_text() == "an earlier run's metrics\n"  # untouched
 
 
 def test_bad_task_and_client_specs_name_the_entry(smoke_config, tmp_path):

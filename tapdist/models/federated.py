@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -54,6 +55,7 @@ def build_union_model(
     }
     base = Path(cfg.source).parent if cfg.source else None
     local = {k: str(resolve(v, base)) if v else "" for k, v in _directories(m).items()}
+    _check_directories(m.backbone, local)
     backbone = load_backbone(
         m.backbone,
         m.size,
@@ -74,6 +76,36 @@ def build_union_model(
 def _directories(m) -> dict[str, str]:
     keys = ("pretrained", "text_encoder", "vision_encoder", "tokenizer")
     return {k: getattr(m, k) for k in keys}
+
+
+def _check_directories(backbone: str, local: dict[str, str]) -> None:
+    """Each local directory the model config names must exist and hold what it is for."""
+    needs = {
+        "pretrained": ("config.json",),
+        "text_encoder": ("config.json",),
+        "vision_encoder": ("config.json",),
+        "tokenizer": ("vocab.txt", "tokenizer.json"),
+    }
+    for key, path in local.items():
+        if not path:
+            continue
+        folder = Path(path)
+        if not folder.is_dir():
+            raise ConfigError(f"model.{key} = {path}: no such directory; give a local folder")
+        if not any((folder / name).is_file() for name in needs[key]):
+            raise ConfigError(
+                f"model.{key} = {path} holds no {' or '.join(needs[key])}; give the folder "
+                "that save_pretrained wrote"
+            )
+    if local["pretrained"]:
+        kind = json.loads((Path(local["pretrained"]) / "config.json").read_text()).get(
+            "model_type", "?"
+        )
+        if kind != backbone:
+            raise ConfigError(
+                f"model.pretrained = {local['pretrained']} holds a '{kind}' model but "
+                f"model.backbone = {backbone}; give a {backbone} checkpoint or change the backbone"
+            )
 
 
 def _checked_vocab(size: int, encoder_vocab: int) -> int:
