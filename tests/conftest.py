@@ -34,6 +34,23 @@ def venv_tool(name: str) -> str | None:
     return str(beside) if beside.exists() else shutil.which(name)
 
 
+def torchrun_command(module_args: list[str], *launcher_flags: str) -> list[str]:
+    """`torchrun --nproc_per_node=3 [FLAGS] -m MODULE_ARGS...` with a static rendezvous on a
+    free local port; ``module_args`` start with ``-m``."""
+    from tapdist.dist.launch import free_port
+
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=3",
+        *launcher_flags,
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        *module_args[1:],
+    ]
+
+
 @pytest.fixture
 def smoke_config() -> Path:
     return SMOKE_CONFIG

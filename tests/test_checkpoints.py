@@ -11,12 +11,11 @@ import sys
 
 import pytest
 import torch
-from conftest import SMOKE_CONFIG, TESTS
+from conftest import SMOKE_CONFIG, TESTS, torchrun_command
 
 from tapdist.checkpoint import load_state, load_states
 from tapdist.cli import main
 from tapdist.config import ConfigError, load_config
-from tapdist.dist.launch import free_port
 from tapdist.train import train
 
 DYING_PLUGIN = TESTS / "plugins" / "dying.py"
@@ -92,30 +91,32 @@ def test_resuming_refuses_a_changed_config_and_a_run_without_checkpoints(tmp_pat
         train(load_config(SMOKE_CONFIG, SETTINGS), tmp_path / "empty", resume=True)
 
 
+ONE_THREAD = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+
+
+def train_args(*overrides: str) -> list[str]:
+    """`-m tapdist train SMOKE` with SETTINGS and ``overrides`` (section.key=value)."""
+    return ["-m", "tapdist", "train", str(SMOKE_CONFIG)] + [
+        a for s in (*SETTINGS, *overrides) for a in ("--set", s)
+    ]
+
+
+def run_ok(cmd: list[str]) -> subprocess.CompletedProcess:
+    """Run ``cmd`` with one intra-op thread (so every part of a run computes the same bits)."""
+    done = subprocess.run(cmd, env=ONE_THREAD, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
 @pytest.mark.integration
 def test_a_run_resumed_at_another_world_size_equals_the_whole_run(tmp_path):
     """Rounds 0-1 of TAP under torchrun -n 3, the rest as one process, against one process
     throughout; all with one intra-op thread, so the bits agree."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    settings = [a for s in SETTINGS for a in ("--set", s)]
-    train = ["-m", "tapdist", "train", str(SMOKE_CONFIG), *settings]
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=3",
-        "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}",
-        *train[1:],
-    ]
+    train = train_args()
     run_dir, reference = tmp_path / "run", tmp_path / "whole"
-    for cmd in (
-        [sys.executable, *train, "--run-dir", str(reference)],
-        [*torchrun, "--run-dir", str(run_dir), "--set", "run.rounds_per_job=2"],
-        [sys.executable, *train, "--resume", str(run_dir)],
-    ):
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr
+    run_ok([sys.executable, *train, "--run-dir", str(reference)])
+    run_ok([*torchrun_command(train), "--run-dir", str(run_dir), "--set", "run.rounds_per_job=2"])
+    run_ok([sys.executable, *train, "--resume", str(run_dir)])
     assert_same_outcome(run_dir, reference)
 
 
@@ -123,27 +124,12 @@ def test_a_run_resumed_at_another_world_size_equals_the_whole_run(tmp_path):
 def test_a_rank_killed_mid_round_restarts_and_ends_as_the_whole_run(tmp_path):
     """torchrun --max-restarts=1: the rank hosting client 2 dies (SIGKILL) in round 2; the
     restarted job resumes from the round-2 checkpoint and ends as an uninterrupted run."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    settings = [a for s in SETTINGS for a in ("--set", s)]
-    train = ["-m", "tapdist", "train", str(SMOKE_CONFIG), *settings]
+    train = train_args()
     dying = ["--set", f"run.plugins=[{DYING_PLUGIN}]", "--set", "federation.algorithm=tap_dying"]
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=3",
-        "--max-restarts=1",
-        "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}",
-        *train[1:],
-    ]
     run_dir, reference = tmp_path / "run", tmp_path / "whole"
-    whole = [sys.executable, *train, "--run-dir", str(reference)]
-    done = subprocess.run(whole, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    faulty = [*torchrun, "--run-dir", str(run_dir), *dying]
-    done = subprocess.run(faulty, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+    run_ok([sys.executable, *train, "--run-dir", str(reference)])
+    torchrun = torchrun_command(train, "--max-restarts=1")
+    done = run_ok([*torchrun, "--run-dir", str(run_dir), *dying])
     assert "resuming from" in done.stderr and "0-tap_dying-round000002" in done.stderr
     assert_same_outcome(run_dir, reference, algorithms=("tap_dying", "local"))
 
@@ -152,31 +138,13 @@ def test_a_rank_killed_mid_round_restarts_and_ends_as_the_whole_run(tmp_path):
 def test_sigterm_on_one_rank_checkpoints_and_ends_the_job_cleanly(tmp_path):
     """One rank of three gets SIGTERM in round 1: every rank stops after that round with a
     checkpoint and exit code 0, and --resume ends as an uninterrupted run."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    plugin = ["--set", f"run.plugins=[{PREEMPTED_PLUGIN}]"]
-    settings = [*(a for s in SETTINGS for a in ("--set", s)), *plugin]
-    train = ["-m", "tapdist", "train", str(SMOKE_CONFIG), *settings]
+    train = train_args(f"run.plugins=[{PREEMPTED_PLUGIN}]")
     preempted = ["--set", "federation.algorithm=tap_preempted"]
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=3",
-        "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}",
-        *train[1:],
-    ]
     run_dir, reference = tmp_path / "run", tmp_path / "whole"
-    for cmd in (
-        [sys.executable, *train, "--run-dir", str(reference)],
-        [*torchrun, "--run-dir", str(run_dir), *preempted],
-    ):
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr
+    run_ok([sys.executable, *train, "--run-dir", str(reference)])
+    done = run_ok([*torchrun_command(train), "--run-dir", str(run_dir), *preempted])
     assert "stopped by a stop signal" in done.stderr
     assert not (run_dir / "results.json").exists()
     assert (run_dir / "checkpoints" / "0-tap_preempted-round000002" / "MANIFEST.json").exists()
-    resume = [sys.executable, *train, *preempted, "--resume", str(run_dir)]
-    done = subprocess.run(resume, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+    run_ok([sys.executable, *train, *preempted, "--resume", str(run_dir)])
     assert_same_outcome(run_dir, reference, algorithms=("tap_preempted", "local"))

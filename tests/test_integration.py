@@ -14,11 +14,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAILING_PLUGIN, ROOT, SMOKE_CONFIG, unavailable, venv_tool
+from conftest import (
+    FAILING_PLUGIN,
+    ROOT,
+    SMOKE_CONFIG,
+    torchrun_command,
+    unavailable,
+    venv_tool,
+)
 
 from tapdist.checkpoint import load_state, load_states
 from tapdist.config import load_config
-from tapdist.dist.launch import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -115,15 +121,7 @@ def assert_same_results(run_dir: Path, reference: Path) -> None:
 
 def torchrun_train(train: list[str] = TRAIN) -> list[str]:
     """`torchrun --nproc_per_node=3 -m tapdist train CONFIG` on a free port."""
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=3",
-        "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}",
-        *train[1:],
-    ]
+    return torchrun_command(train)
 
 
 def mpiexec_train() -> list[str]:
