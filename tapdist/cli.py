@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from tapdist import __version__
@@ -12,6 +13,8 @@ from tapdist.config import ConfigError, describe, dump_config, load_config
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.debug:
+        os.environ["TAPDIST_DEBUG"] = "1"
     try:
         return args.func(args)
     except Exception as err:
@@ -32,6 +35,11 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--version", action="version", version=f"tapdist {__version__}")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="print the traceback of configuration and data errors too (or TAPDIST_DEBUG=1)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="run a federation (under any launcher)")

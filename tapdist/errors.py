@@ -3,6 +3,7 @@ for anything else."""
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 
@@ -29,11 +30,19 @@ def exit_code(err: BaseException) -> int:
     return 2 if isinstance(err, (ConfigError, DataError, ResourceError)) else 1
 
 
+def debug_enabled() -> bool:
+    """``tapdist --debug`` (or ``TAPDIST_DEBUG=1`` in every rank's environment): tracebacks for
+    user errors too."""
+    return os.environ.get("TAPDIST_DEBUG", "") not in ("", "0")
+
+
 def report(err: BaseException, rank: int | None = None) -> None:
     """Print ``err`` to stderr: its message if it is a user error, else the full traceback."""
     where = f" (rank {rank})" if rank is not None else ""
     if isinstance(err, USER_ERRORS):
         kind = {ConfigError: "config error", DataError: "data error"}.get(type(err), "error")
+        if debug_enabled():
+            traceback.print_exception(err, file=sys.stderr)
         print(f"tapdist{where}: {kind}: {err}", file=sys.stderr)
     else:
         print(f"tapdist{where}: unexpected error", file=sys.stderr)
