@@ -2,28 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
 from tapdist.checkpoint import save_state, save_states, write_text
 from tapdist.config import Config, ConfigError, dump_config
-from tapdist.dist import DistContext, init_context
+from tapdist.dist import DistContext, DistError, init_context
+from tapdist.dist.faults import inject_fault
 from tapdist.dist.launch import restart_count
-from tapdist.errors import exit_code, report
+from tapdist.errors import PeerFailed, exit_code, report
 from tapdist.fl.checkpoints import Checkpoint, Checkpointer
 from tapdist.fl.loop import RoundLoop
 from tapdist.fl.topology import Topology
-from tapdist.logs import setup_logging
+from tapdist.logs import rank_log_file, require_tensorboard, setup_logging
 from tapdist.registry import ALGORITHMS, MODELS, load_builtins, load_plugins
 from tapdist.results import format_table, write_results
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def train(cfg: Config, run_dir: Path, resume: bool = False) -> None:
@@ -45,35 +50,22 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> None:
 
 
 def _train(cfg: Config, ctx: DistContext, run_dir: Path, resume: bool) -> None:
-    setup_logging(
-        ctx.rank, ctx.world_size, cfg.run.log_level, cfg.run.log_all_ranks, is_server=ctx.rank == 0
-    )
+    logging_args = (ctx.rank, ctx.world_size, cfg.run.log_level, cfg.run.log_all_ranks)
+    setup_logging(*logging_args, is_server=ctx.rank == 0)
     started = time.perf_counter()
-    names = _algorithms(cfg)
-    model = MODELS.get(cfg.model.name)(cfg, ctx.device)
-    clients = model.clients()
-    if len(clients) != cfg.federation.clients:
-        raise ConfigError(
-            f"model '{cfg.model.name}' has {len(clients)} clients but "
-            f"federation.clients = {cfg.federation.clients}; make them agree"
-        )
-    topology = Topology(
-        ctx.world_size,
-        tuple(c.num_samples for c in clients),
-        cfg.dist.server_hosts_clients,
-        cfg.dist.placement,
-        cfg.dist.allow_idle_ranks,
-    )
+    ready = _on_every_rank(ctx, lambda: _prepare(cfg, ctx, run_dir, resume))
+    names, model, topology, checkpoints, start = ready
+    if cfg.run.log_files:  # only now: bad input must leave the run folder untouched
+        log_file = rank_log_file(run_dir, ctx.rank)
+        setup_logging(*logging_args, is_server=ctx.rank == 0, log_file=log_file)
+    if start is not None:
+        log.info("resuming from %s (restart %d)", start.folder, restart_count())
     server = topology.is_server(ctx.rank)
-    checkpoints = Checkpointer(cfg, ctx, topology, run_dir)
-    start = None
-    if resume:
-        start = _resume_point(checkpoints, run_dir, names, required=True)
-    elif restart_count() > 0:  # a launcher restarted the job: go on from its last checkpoint
-        start = _resume_point(checkpoints, run_dir, names, required=False)
     if server:
         if start is None:
             _start_run_dir(cfg, run_dir)
+        else:
+            _trim_metrics(run_dir / "metrics.jsonl", names, start)
         log.info(
             "run %s: %s on %d ranks (%s, %s on %s), %d clients, %d rounds -> %s",
             cfg.run.name,
@@ -82,7 +74,7 @@ def _train(cfg: Config, ctx: DistContext, run_dir: Path, resume: bool) -> None:
             ctx.launcher,
             ctx.backend,
             ctx.device,
-            len(clients),
+            topology.num_clients,
             cfg.federation.rounds,
             run_dir,
         )
@@ -112,6 +104,68 @@ def _train(cfg: Config, ctx: DistContext, run_dir: Path, resume: bool) -> None:
     ctx.barrier("end of run")
 
 
+def _prepare(cfg: Config, ctx: DistContext, run_dir: Path, resume: bool) -> tuple:
+    """Everything that reads the input and writes nothing: the model and its data files, the
+    placement, the checkpoint to resume from, and the data of the clients this rank hosts (so
+    that a damaged file fails now, not in the middle of the run)."""
+    names = _algorithms(cfg)
+    if cfg.run.tensorboard and ctx.rank == 0:
+        require_tensorboard()  # the server writes the scalars
+    model = MODELS.get(cfg.model.name)(cfg, ctx.device)
+    clients = model.clients()
+    if len(clients) != cfg.federation.clients:
+        raise ConfigError(
+            f"model '{cfg.model.name}' has {len(clients)} clients but "
+            f"federation.clients = {cfg.federation.clients}; make them agree"
+        )
+    topology = Topology(
+        ctx.world_size,
+        tuple(c.num_samples for c in clients),
+        cfg.dist.server_hosts_clients,
+        cfg.dist.placement,
+        cfg.dist.allow_idle_ranks,
+    )
+    checkpoints = Checkpointer(cfg, ctx, topology, run_dir)
+    start = None
+    if resume:
+        start = _resume_point(checkpoints, run_dir, names, required=True)
+    elif restart_count() > 0:  # a launcher restarted the job: go on from its last checkpoint
+        start = _resume_point(checkpoints, run_dir, names, required=False)
+    for client in topology.clients_of(ctx.rank):
+        model.train_data(client)
+        if hasattr(model, "test_data"):
+            model.test_data(client)
+    return names, model, topology, checkpoints, start
+
+
+def _on_every_rank(ctx: DistContext, prepare: Callable[[], T]) -> T:
+    """``prepare()`` here, then one small all_reduce so each rank knows whether all others
+    succeeded. A rank whose input is bad (say a damaged part of a data file that it alone
+    reads) stops with its own error, every other rank with :class:`PeerFailed`, and all of
+    them before anything is written."""
+    try:
+        prepared = prepare()
+    except Exception as err:
+        with contextlib.suppress(DistError):  # the others are gone already: report this one
+            _agree_to_start(ctx, exit_code(err))
+        raise
+    _agree_to_start(ctx, 0)
+    return prepared
+
+
+def _agree_to_start(ctx: DistContext, code: int) -> None:
+    """Share this rank's exit code (0: ready); raise :class:`PeerFailed` on a ready rank when
+    another one failed."""
+    if not ctx.is_distributed:
+        return
+    codes = torch.zeros(ctx.world_size, device=ctx.device)
+    codes[ctx.rank] = code
+    ctx.all_reduce(codes, "start check")
+    failed = [r for r, c in enumerate(codes.tolist()) if c]
+    if failed and not code:
+        raise PeerFailed(failed, int(codes[failed[0]]))
+
+
 def _run_algorithm(
     job, index: int, name: str, start, results: dict, budget: list[int], stop: StopRequest
 ) -> bool:
@@ -128,6 +182,7 @@ def _run_algorithm(
 
     def after_round(r: int, state: dict) -> bool:
         done[0] = r + 1
+        inject_fault(ctx.rank, r)  # a testing aid, inert unless TAPDIST_FAULT is set
         stopping = stop.agreed(f"round {r} stop check")
         if checkpoints.due(r) or r + 1 == last or stopping:
             checkpoints.save(index, name, algorithm, r + 1, state, results)
@@ -189,8 +244,6 @@ def _resume_point(
             f"'{start.manifest['algorithm']}' where this config runs "
             f"'{names[start.algorithm_index]}'"
         )
-    _trim_metrics(run_dir / "metrics.jsonl", names, start)
-    log.info("resuming from %s (restart %d)", start.folder, restart_count())
     return start
 
 
@@ -203,12 +256,17 @@ def _restore(start: Checkpoint, algorithm, hosted) -> tuple[int, dict]:
 
 
 def _trim_metrics(path: Path, names: list[str], start: Checkpoint) -> None:
-    """Drop the metrics lines of rounds after the checkpoint (they will run again)."""
+    """Drop the metrics lines of rounds after the checkpoint (they will run again), and a last
+    line a killed job left half-written."""
     if not path.exists():
         return
     kept = []
     for line in path.read_text().splitlines():
-        record = json.loads(line)
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            log.warning("%s: dropping a line cut short by an interrupted job", path)
+            continue
         index = names.index(record["algorithm"])
         if (index, record["round"]) < (start.algorithm_index, start.round):
             kept.append(line)

@@ -52,10 +52,10 @@ def run_cli(*args, cwd=None):
 BAD_INPUT = [
     (["nowhere.yaml"], 2, ["config error", "nowhere.yaml does not exist"]),
     (["{cfg}", "--set", "federation.rounds=-2"], 2, ["federation.rounds", ">= 0"]),
-    (["{cfg}", "--set", "model.name=flava9"], 1, ["no model named 'flava9'", "registered: tap"]),
-    (["{cfg}", "--set", "dist.server_hosts_clients=false"], 1, ["no rank can host clients"]),
-    (["{cfg}", "--set", "run.plugins=[nothere.py]"], 1, ["plugin file", "nothere.py does not"]),
-    (["{cfg}", "--set", "dist.launcher=slurm"], 1, ["dist.launcher = slurm", "SLURM_PROCID"]),
+    (["{cfg}", "--set", "model.name=flava9"], 2, ["no model named 'flava9'", "registered: tap"]),
+    (["{cfg}", "--set", "dist.server_hosts_clients=false"], 2, ["no rank can host clients"]),
+    (["{cfg}", "--set", "run.plugins=[nothere.py]"], 2, ["plugin file", "nothere.py does not"]),
+    (["{cfg}", "--set", "dist.launcher=slurm"], 2, ["dist.launcher = slurm", "SLURM_PROCID"]),
     (["{cfg}", "--set", "federation.clients=4"], 2, ["5 clients", "federation.clients = 4"]),
     (["{cfg}", "--set", "model.paths=[mod_task, sideways]"], 2, ["model.paths", "sideways"]),
     (

@@ -11,6 +11,11 @@
 ``id`` counts clients from 0 and ``split`` is ``train`` or ``test``. A split holds only the
 datasets its task needs (:func:`task_fields`); docs/data.md describes each one. Files are written
 by ``tapdist data build`` (:mod:`tapdist.data.build`) and read by the training run.
+
+Every dataset carries a Fletcher-32 checksum per chunk and the file uses the HDF5 1.10 formats,
+whose metadata carry checksums too, so a damaged file fails to read with :class:`DataError`
+instead of yielding wrong samples (random image bytes are otherwise indistinguishable from
+damaged ones).
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ _TASK_ATTRS = ("kind", "modalities", "domains", "classes")
 _ROOT_ATTRS = ("text_len", "answer_len", "vocab_size")
 _REBUILD = "rebuild it with `tapdist data build SPEC --out FILE`"
 _COMPRESSED = {"image", "text", "text_mask", "answer"}
+# HDF5 1.10 formats (readable by HDF5 >= 1.10): checksummed object headers and B-trees
+_LIBVER = ("v110", "v110")
 
 
 @dataclass(frozen=True)
@@ -202,7 +209,7 @@ def write_federation(
         _check_client(f"client {i}", client, by_name, dims)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with h5py.File(tmp, "w") as f:
+        with h5py.File(tmp, "w", libver=_LIBVER) as f:
             _write_root(f, meta_attrs, dims)
             _write_tasks(f, tasks, label_names or {})
             group = f.create_group("clients")
@@ -267,11 +274,11 @@ def _write_client(group: h5py.Group, client: dict, tasks: dict[str, TaskSpec]) -
 def _write_dataset(group: h5py.Group, name: str, array: np.ndarray) -> None:
     data = np.ascontiguousarray(array, dtype=STORED[name])
     if name not in _COMPRESSED:
-        group.create_dataset(name, data=data)
+        group.create_dataset(name, data=data, fletcher32=True)
         return
     # lzf: fast to write and read, always available in h5py; 64-sample chunks match batches
     chunks = (min(len(data), 64), *data.shape[1:])
-    group.create_dataset(name, data=data, compression="lzf", chunks=chunks)
+    group.create_dataset(name, data=data, compression="lzf", chunks=chunks, fletcher32=True)
 
 
 def _strings_attr(values) -> np.ndarray:
@@ -354,10 +361,15 @@ def _open(path: Path) -> Iterator[h5py.File]:
     try:
         with h5py.File(path, "r") as f:
             yield f
-    except OSError as err:
+    except (OSError, KeyError) as err:  # h5py's KeyError: an object it cannot open
         raise DataError(
-            f"{path}: not a readable HDF5 file (truncated or corrupt: {err}); {_REBUILD}"
+            f"{path}: not a readable HDF5 file (truncated or corrupt: {_h5_message(err)}); "
+            f"{_REBUILD}"
         ) from None
+
+
+def _h5_message(err: BaseException) -> str:
+    return str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
 
 
 def _read_root(path: Path, f: h5py.File) -> Dims:
@@ -381,6 +393,8 @@ def _read_tasks(path: Path, f: h5py.File) -> tuple[list[TaskSpec], dict[str, lis
     tasks, label_names = [], {}
     for name, g in group.items():
         where = f"{path}: /tasks/{name}"
+        if not isinstance(g, h5py.Group):  # None: a damaged object h5py cannot open
+            raise DataError(f"{where}: cannot be read (the file is corrupt); {_REBUILD}")
         missing = [a for a in _TASK_ATTRS if a not in g.attrs]
         if missing:
             raise DataError(

@@ -10,8 +10,8 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 LAUNCHERS = ("single", "torchrun", "slurm", "mpi")
 
@@ -34,11 +34,15 @@ class Launch:
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.world_size:
-            raise LaunchError(f"{self.launcher}: rank {self.rank} is outside world size "
-                              f"{self.world_size}; check the launcher's environment")
+            raise LaunchError(
+                f"{self.launcher}: rank {self.rank} is outside world size "
+                f"{self.world_size}; check the launcher's environment"
+            )
         if not 0 <= self.local_rank < self.local_world_size:
-            raise LaunchError(f"{self.launcher}: local rank {self.local_rank} is outside local "
-                              f"world size {self.local_world_size}")
+            raise LaunchError(
+                f"{self.launcher}: local rank {self.local_rank} is outside local "
+                f"world size {self.local_world_size}"
+            )
 
 
 def detect_launch(launcher: str = "auto", env: Mapping[str, str] | None = None) -> Launch:
@@ -52,19 +56,25 @@ def detect_launch(launcher: str = "auto", env: Mapping[str, str] | None = None) 
     readers = {"torchrun": _torchrun, "slurm": _slurm, "mpi": _mpi, "single": _single}
     if launcher != "auto":
         if launcher not in readers:
-            raise LaunchError(f"unknown launcher '{launcher}'; accepted: auto, "
-                              + ", ".join(LAUNCHERS))
+            raise LaunchError(
+                f"unknown launcher '{launcher}'; accepted: auto, " + ", ".join(LAUNCHERS)
+            )
         found = readers[launcher](env)
         if found is None:
-            raise LaunchError(f"dist.launcher = {launcher} but this process has no {launcher} "
-                              f"environment ({_expected[launcher]}); start it with that "
-                              f"launcher or set dist.launcher=auto")
+            raise LaunchError(
+                f"dist.launcher = {launcher} but this process has no {launcher} "
+                f"environment ({_expected[launcher]}); start it with that "
+                f"launcher or set dist.launcher=auto"
+            )
         return found
     torchrun, slurm, mpi = _torchrun(env), _slurm(env), _mpi(env)
     if torchrun is not None:
         return torchrun
-    if slurm is not None and mpi is not None and (slurm.rank, slurm.world_size) != (
-            mpi.rank, mpi.world_size):
+    if (
+        slurm is not None
+        and mpi is not None
+        and (slurm.rank, slurm.world_size) != (mpi.rank, mpi.world_size)
+    ):
         # mpirun inside an allocation starts its proxies with srun: the Slurm variables then
         # describe the proxies, the MPI ones the ranks.
         return mpi
@@ -91,13 +101,20 @@ def _torchrun(env: Mapping[str, str]) -> Launch | None:
         return None
     missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in env]
     if missing:
-        raise LaunchError(f"RANK and WORLD_SIZE are set but {', '.join(missing)} is not; "
-                          "launch with torchrun, or export MASTER_ADDR and MASTER_PORT")
+        raise LaunchError(
+            f"RANK and WORLD_SIZE are set but {', '.join(missing)} is not; "
+            "launch with torchrun, or export MASTER_ADDR and MASTER_PORT"
+        )
     world = _int(env, "WORLD_SIZE")
-    return Launch("torchrun", _int(env, "RANK"), world, _int(env, "LOCAL_RANK")
-                  if "LOCAL_RANK" in env else 0,
-                  _int(env, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in env else world,
-                  env["MASTER_ADDR"], _int(env, "MASTER_PORT"))
+    return Launch(
+        "torchrun",
+        _int(env, "RANK"),
+        world,
+        _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0,
+        _int(env, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in env else world,
+        env["MASTER_ADDR"],
+        _int(env, "MASTER_PORT"),
+    )
 
 
 def _slurm(env: Mapping[str, str]) -> Launch | None:
@@ -121,8 +138,9 @@ def _slurm_local_tasks(env: Mapping[str, str], world: int) -> int:
     # SLURM_TASKS_PER_NODE looks like "2(x3),1"; this node's count is what matters and Slurm
     # gives it directly in SLURM_STEP_TASKS_PER_NODE only for homogeneous steps.
     node = env.get("SLURM_NODEID", "0")
-    counts = _expand_counts(env.get("SLURM_STEP_TASKS_PER_NODE")
-                            or env.get("SLURM_TASKS_PER_NODE") or str(world))
+    counts = _expand_counts(
+        env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or str(world)
+    )
     index = int(node) if node.isdigit() else 0
     return counts[index] if index < len(counts) else counts[-1]
 
@@ -147,34 +165,56 @@ def slurm_port(env: Mapping[str, str]) -> int:
 
 def _first_host(env: Mapping[str, str]) -> str:
     # The step's nodes: a step may run on part of the allocation.
-    nodelist = (env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
-                or env.get("SLURM_NODELIST") or "")
+    nodelist = (
+        env.get("SLURM_STEP_NODELIST")
+        or env.get("SLURM_JOB_NODELIST")
+        or env.get("SLURM_NODELIST")
+        or ""
+    )
     if not nodelist:
         return "127.0.0.1"
     if not any(c in nodelist for c in "[],"):
         return nodelist
     try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], check=True,
-                             capture_output=True, text=True, timeout=30).stdout
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout
     except (OSError, subprocess.SubprocessError) as err:
-        raise LaunchError(f"cannot expand the Slurm node list {nodelist!r} with "
-                          f"`scontrol show hostnames` ({err}); export MASTER_ADDR to the "
-                          "first node's address") from None
+        raise LaunchError(
+            f"cannot expand the Slurm node list {nodelist!r} with "
+            f"`scontrol show hostnames` ({err}); export MASTER_ADDR to the "
+            "first node's address"
+        ) from None
     return out.split()[0]
 
 
 def _mpi(env: Mapping[str, str]) -> Launch | None:
     for rank_key, size_key, local_key, local_size_key in (
-            ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
-            ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
-             "OMPI_COMM_WORLD_LOCAL_SIZE")):
+        ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
+        (
+            "OMPI_COMM_WORLD_RANK",
+            "OMPI_COMM_WORLD_SIZE",
+            "OMPI_COMM_WORLD_LOCAL_RANK",
+            "OMPI_COMM_WORLD_LOCAL_SIZE",
+        ),
+    ):
         if rank_key in env and size_key in env:
             world = _int(env, size_key)
             local = _int(env, local_key) if local_key in env else 0
             local_world = _int(env, local_size_key) if local_size_key in env else world
-            return Launch("mpi", _int(env, rank_key), world, local, local_world,
-                          env.get("MASTER_ADDR", ""),
-                          _int(env, "MASTER_PORT") if "MASTER_PORT" in env else 0)
+            return Launch(
+                "mpi",
+                _int(env, rank_key),
+                world,
+                local,
+                local_world,
+                env.get("MASTER_ADDR", ""),
+                _int(env, "MASTER_PORT") if "MASTER_PORT" in env else 0,
+            )
     return None
 
 

@@ -187,6 +187,11 @@ class TapFederation:
                 self._data[key] = read_client(self.file, client, split, self.model.domains)
             else:
                 self._data[key] = self._synthetic(self.specs[client], split)
+            if self.device.type == "cuda":  # page-locked: copies to the GPU run asynchronously
+                self._data[key] = {
+                    task: {k: v.pin_memory() for k, v in fields.items()}
+                    for task, fields in self._data[key].items()
+                }
         return self._data[key]
 
     def _synthetic(self, c: ClientSpec, split: str) -> dict[str, dict[str, torch.Tensor]]:
@@ -270,9 +275,15 @@ def _check_file_fits(cfg: Config, meta) -> None:
             differ = sorted(
                 n for n in listed.keys() | in_file.keys() if listed.get(n) != in_file.get(n)
             )
+            how = {
+                "not in the file": sorted(listed.keys() - in_file.keys()),
+                "not in the config": sorted(in_file.keys() - listed.keys()),
+                "defined otherwise": sorted(set(differ) & listed.keys() & in_file.keys()),
+            }
+            detail = "; ".join(f"{k}: {', '.join(v)}" for k, v in how.items() if v)
             raise ConfigError(
-                f"data.tasks do not match the tasks of {where}: {', '.join(differ)} differ; "
-                "fix the config or remove data.tasks to use the file's"
+                f"data.tasks do not match the tasks of {where}: {', '.join(differ)} differ "
+                f"({detail}); fix the config or remove data.tasks to use the file's"
             )
     if cfg.data.clients:
         listed = [tuple(c.get("tasks", ())) for c in cfg.data.clients]
