@@ -1,22 +1,32 @@
 #!/usr/bin/env bash
 # Launch `tapdist train` with torchrun: one node, or one node of several.
 #
-#   launch/torchrun.sh CONFIG [--set section.key=value ...] [--run-dir DIR]
+#   launch/torchrun.sh CONFIG [--set section.key=value ...] [--run-dir DIR | --resume DIR]
 #
 # Environment knobs (defaults in brackets):
 #   NPROC        ranks on this node [number of GPUs, else 2]; one rank per GPU under NCCL
-#   NNODES       nodes in the job [1]         NODE_RANK   this node's index [0]
-#   MASTER_ADDR  address of node 0 [127.0.0.1] MASTER_PORT rendezvous port [29500]
+#   NNODES       nodes in the job [1]          NODE_RANK    this node's index, 0 to NNODES-1 [0]
+#   MASTER_ADDR  address of node 0 [127.0.0.1] MASTER_PORT  rendezvous port on node 0 [29500]
 #   PYTHON       interpreter with tapdist installed [python3]
+# On one node without MASTER_ADDR or MASTER_PORT, torchrun picks a free port (--standalone), so
+# several runs can share a machine. Start the script on every node with the same NNODES,
+# MASTER_ADDR and MASTER_PORT and its own NODE_RANK. Under Slurm, slurm/ has sbatch templates.
 set -euo pipefail
 if [[ $# -lt 1 ]]; then
-    sed -n '2,12p' "$0" >&2
+    sed -n '2,/^set -/{/^#/p;}' "$0" >&2
     exit 2
 fi
 PYTHON=${PYTHON:-python3}
-gpus=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
-NPROC=${NPROC:-$([[ $gpus -gt 0 ]] && echo "$gpus" || echo 2)}
-exec "$PYTHON" -m torch.distributed.run \
-    --nnodes="${NNODES:-1}" --node_rank="${NODE_RANK:-0}" --nproc_per_node="$NPROC" \
-    --master_addr="${MASTER_ADDR:-127.0.0.1}" --master_port="${MASTER_PORT:-29500}" \
-    -m tapdist train "$@"
+if [[ -z ${NPROC:-} ]]; then
+    gpus=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
+    NPROC=$((gpus > 0 ? gpus : 2))
+fi
+NNODES=${NNODES:-1}
+if [[ $NNODES == 1 && -z ${MASTER_ADDR:-} && -z ${MASTER_PORT:-} ]]; then
+    rendezvous=(--standalone)
+else
+    rendezvous=(--node_rank="${NODE_RANK:-0}" --master_addr="${MASTER_ADDR:-127.0.0.1}"
+        --master_port="${MASTER_PORT:-29500}")
+fi
+exec "$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --nproc_per_node="$NPROC" \
+    "${rendezvous[@]}" -m tapdist train "$@"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -54,3 +56,47 @@ def torchrun_command(module_args: list[str], *launcher_flags: str) -> list[str]:
 @pytest.fixture
 def smoke_config() -> Path:
     return SMOKE_CONFIG
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """The local single-node Slurm cluster (slurm/local_cluster.sh), started once per session."""
+    if venv_tool("srun") is None:
+        unavailable("srun not found: apt-get install slurm-wlm munge")
+    up = subprocess.run(
+        ["bash", str(ROOT / "slurm" / "local_cluster.sh"), "up"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if up.returncode == 3:
+        unavailable(up.stderr.strip() or "slurm/munge binaries missing")
+    assert up.returncode == 0, f"local Slurm cluster did not start:\n{up.stdout}\n{up.stderr}"
+
+
+def assert_same_results(run_dir: Path, reference: Path) -> None:
+    """results.json within 1e-4, and every client's personal model saved exactly once."""
+    from tapdist.checkpoint import load_states
+
+    got, want = (json.loads((d / "results.json").read_text()) for d in (run_dir, reference))
+    assert list(got) == list(want)
+    for method, clients in want.items():
+        assert list(got[method]) == list(clients)
+        for client, tasks in clients.items():
+            for task, entry in tasks.items():
+                mine = got[method][client][task]
+                assert mine["kind"] == entry["kind"] and mine["primary"] == entry["primary"]
+                for metric, value in entry.items():
+                    if metric not in ("kind", "primary"):
+                        assert mine[metric] == pytest.approx(value, rel=1e-4, abs=1e-4), (
+                            method,
+                            client,
+                            task,
+                            metric,
+                        )
+    groups = [
+        group
+        for path in sorted((run_dir / "final").glob("personal-*.h5"))
+        for group in load_states(path)
+    ]
+    assert sorted(groups) == sorted(f"client_{c}" for c in want["tap"])

@@ -18,12 +18,13 @@ from conftest import (
     FAILING_PLUGIN,
     ROOT,
     SMOKE_CONFIG,
+    assert_same_results,
     torchrun_command,
     unavailable,
     venv_tool,
 )
 
-from tapdist.checkpoint import load_state, load_states
+from tapdist.checkpoint import load_state
 from tapdist.config import load_config
 
 pytestmark = pytest.mark.integration
@@ -48,21 +49,6 @@ def run(cmd: list[str], run_dir: Path, *extra: str, timeout: int = 300) -> Path:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
     return run([sys.executable, *TRAIN], tmp_path_factory.mktemp("single") / "run")
-
-
-@pytest.fixture(scope="module")
-def slurm_cluster():
-    if venv_tool("srun") is None:
-        unavailable("srun not found: apt-get install slurm-wlm munge")
-    up = subprocess.run(
-        ["bash", str(ROOT / "slurm" / "local_cluster.sh"), "up"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    if up.returncode == 3:
-        unavailable(up.stderr.strip() or "slurm/munge binaries missing")
-    assert up.returncode == 0, f"local Slurm cluster did not start:\n{up.stdout}\n{up.stderr}"
 
 
 def assert_same_run(run_dir: Path, reference: Path) -> None:
@@ -91,32 +77,6 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
     same = ("run", "model", "federation", "train")
     ours_cfg, their_cfg = (load_config(d / "config.yaml").to_dict() for d in (run_dir, reference))
     assert {k: ours_cfg[k] for k in same} == {k: their_cfg[k] for k in same}
-
-
-def assert_same_results(run_dir: Path, reference: Path) -> None:
-    """results.json within 1e-4, and every client's personal model saved exactly once."""
-    got, want = (json.loads((d / "results.json").read_text()) for d in (run_dir, reference))
-    assert list(got) == list(want)
-    for method, clients in want.items():
-        assert list(got[method]) == list(clients)
-        for client, tasks in clients.items():
-            for task, entry in tasks.items():
-                mine = got[method][client][task]
-                assert mine["kind"] == entry["kind"] and mine["primary"] == entry["primary"]
-                for metric, value in entry.items():
-                    if metric not in ("kind", "primary"):
-                        assert mine[metric] == pytest.approx(value, rel=1e-4, abs=1e-4), (
-                            method,
-                            client,
-                            task,
-                            metric,
-                        )
-    groups = [
-        group
-        for path in sorted((run_dir / "final").glob("personal-*.h5"))
-        for group in load_states(path)
-    ]
-    assert sorted(groups) == sorted(f"client_{c}" for c in want["tap"])
 
 
 def torchrun_train(train: list[str] = TRAIN) -> list[str]:
