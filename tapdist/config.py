@@ -57,6 +57,16 @@ class RunConfig:
         "info", "log level of the server rank", choices=("debug", "info", "warning", "error")
     )
     log_all_ranks: bool = option(False, "let every rank log at log_level, not only the server")
+    log_files: bool = option(
+        False,
+        "every rank also writes its log records at log_level to RUN_DIR/logs/rank-NNNN.log "
+        "(appended to across resumes)",
+    )
+    tensorboard: bool = option(
+        False,
+        "the server also writes each round's metrics as TensorBoard scalars to "
+        "RUN_DIR/tensorboard/<algorithm>/ (pip install 'tapdist[tensorboard]')",
+    )
     checkpoint_every: int = option(
         10, "write a checkpoint every this many rounds (and always after the last round)", min=1
     )
@@ -155,6 +165,12 @@ class TrainConfig:
         "auto",
         "mixed precision: auto = bf16 autocast on CUDA and none on CPU; bf16 forces it",
         choices=("auto", "bf16", "off"),
+    )
+    compile: str = option(
+        "off",
+        "torch.compile the model's forward for training: default fuses kernels, "
+        "reduce-overhead also replays CUDA graphs (GPU; the first micro-batches compile)",
+        choices=("off", "default", "reduce-overhead"),
     )
     eval_batch_size: int = option(64, "samples per evaluation batch", min=1)
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from tapdist.config import TrainConfig
+from tapdist.models.layers import Runs, domain_runs
 from tapdist.models.tap import TapModel
 
 Fields = Mapping[str, torch.Tensor]  # field -> tensor (first dim: samples)
@@ -30,18 +31,28 @@ Joint = Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
 
 @dataclass(frozen=True)
 class Plan:
-    """Rows of each task for every micro-batch: ``rows[task]`` is (micro-batches, take)."""
+    """Rows of each task for every micro-batch: ``rows[task]`` is (micro-batches, take), and
+    ``runs[task][i]`` the domain runs of micro-batch ``i`` (known on the host, so MoDE routing
+    never waits for the device)."""
 
     rows: dict[str, torch.Tensor]
     shares: dict[str, float]
+    runs: dict[str, list[Runs]]
 
     @property
     def length(self) -> int:
         return next(iter(self.rows.values())).shape[0]
 
+    def to(self, device: torch.device) -> Plan:
+        rows = {task: r.to(device, non_blocking=True) for task, r in self.rows.items()}
+        return Plan(rows, self.shares, self.runs)
+
     def batch(self, data: Data, task: str, index: int, device: torch.device) -> dict:
+        """Micro-batch ``index`` of ``task``, gathered where ``data`` lives, on ``device``."""
         rows = self.rows[task][index]
-        return model_inputs({k: v[rows] for k, v in data[task].items()}, device)
+        batch = model_inputs({k: v[rows] for k, v in data[task].items()}, device)
+        batch["domain_runs"] = self.runs[task][index]
+        return batch
 
 
 def plan(data: Data, micro_batches: int, batch_size: int, generator: torch.Generator) -> Plan:
@@ -50,15 +61,17 @@ def plan(data: Data, micro_batches: int, batch_size: int, generator: torch.Gener
     sizes = {task: len(fields["domain"]) for task, fields in data.items()}
     total = sum(sizes.values())
     shares = {task: size / total for task, size in sizes.items()}
-    rows = {}
+    rows, runs = {}, {}
     for task, size in sizes.items():
         take = max(1, round(batch_size * shares[task]))
         need = take * micro_batches
         epochs = [torch.randperm(size, generator=generator) for _ in range(-(-need // size))]
         drawn = torch.cat(epochs)[:need].view(micro_batches, take)
-        order = data[task]["domain"][drawn].argsort(dim=1, stable=True)
+        domains = data[task]["domain"].cpu()[drawn]
+        order = domains.argsort(dim=1, stable=True)
         rows[task] = drawn.gather(1, order)
-    return Plan(rows, shares)
+        runs[task] = [domain_runs(d) for d in domains.gather(1, order)]
+    return Plan(rows, shares, runs)
 
 
 class LocalTrainer:
@@ -68,6 +81,9 @@ class LocalTrainer:
         self.model, self.cfg, self.device = model, cfg, torch.device(device)
         bf16 = cfg.amp == "bf16" or (cfg.amp == "auto" and self.device.type == "cuda")
         self.autocast = bf16
+        self._resident: tuple[Data, Data] | None = None  # (host data, its copy on the device)
+        # the forward training runs: compiled once per task's shapes when train.compile asks
+        self.forward = model if cfg.compile == "off" else torch.compile(model, mode=cfg.compile)
 
     def train(
         self,
@@ -84,10 +100,12 @@ class LocalTrainer:
         the mean task loss per task. Dropout draws from ``generator``'s seed, so the result does
         not depend on which process trains the client."""
         model, cfg = self.model, self.cfg
+        data, batches = self._on_device(data, batches)
         model.load_state(state, names)
         params = dict(model.named_parameters())
         trained = [params[n] for n in names]
-        optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=cfg.weight_decay)
+        fused = self.device.type == "cuda"  # one kernel for the whole update
+        optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=cfg.weight_decay, fused=fused)
         torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
         sums = torch.zeros(len(batches.rows), device=self.device)
         model.train()
@@ -110,6 +128,7 @@ class LocalTrainer:
         self, names: list[str], state: Mapping[str, torch.Tensor], data: Data, batches: Plan
     ) -> dict[str, float]:
         """Mean task loss per task of ``state`` over ``batches`` (eval mode, no training)."""
+        data, batches = self._on_device(data, batches)
         self.model.load_state(state, names)
         self.model.eval()
         sums = torch.zeros(len(batches.rows), device=self.device)
@@ -122,6 +141,7 @@ class LocalTrainer:
         self, names: list[str], state: Mapping[str, torch.Tensor], data: Data, batches: Plan
     ) -> list[dict[str, torch.Tensor]]:
         """Head outputs of ``state`` per micro-batch and task (eval mode): a teacher's targets."""
+        data, batches = self._on_device(data, batches)
         self.model.load_state(state, names)
         self.model.eval()
         out = []
@@ -137,6 +157,20 @@ class LocalTrainer:
                 )
         return out
 
+    def _on_device(self, data: Data, batches: Plan) -> tuple[Data, Plan]:
+        """``data`` and the plan's index tensors on the device. A client's data is copied once
+        and kept while the same client trains and scores (one client's data at a time, so
+        device memory does not grow with the clients a rank hosts)."""
+        if self.device.type == "cpu":
+            return data, batches
+        if self._resident is None or self._resident[0] is not data:
+            moved = {
+                task: {k: v.to(self.device, non_blocking=True) for k, v in fields.items()}
+                for task, fields in data.items()
+            }
+            self._resident = (data, moved)
+        return self._resident[1], batches.to(self.device)
+
     def _micro_batch(
         self, data: Data, batches: Plan, index: int, extra: Extra | None, joint: Joint | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,7 +179,7 @@ class LocalTrainer:
         with self._precision():
             for task, share in batches.shares.items():
                 batch = batches.batch(data, task, index, self.device)
-                out, paths[task] = model(task, batch)
+                out, paths[task] = self.forward(task, batch)
                 loss = model.heads[task].loss(out, batch).float()
                 task_losses.append(loss.detach())
                 if extra is not None:

@@ -13,6 +13,7 @@ from tapdist.distill import kd_loss, orthogonality_term
 from tapdist.fl.algorithms import TAP, Local
 from tapdist.local import plan, warmup_lr
 from tapdist.models.federated import TapFederation
+from tapdist.models.layers import domain_runs
 
 CPU = torch.device("cpu")
 
@@ -41,6 +42,11 @@ def test_plan_is_fixed_length_cycles_small_data_and_groups_domains(federation):
     assert sorted(drawn[:24].tolist()) == list(range(24))
     domains = data["law_qa"]["domain"][rows]
     assert torch.equal(domains, domains.sort(dim=1).values)  # grouped by domain
+    # the runs MoDE routes by are known on the host and match the rows' domains
+    assert [domain_runs(d) for d in domains] == batches.runs["law_qa"]
+    assert batches.batch(data, "law_qa", 3, torch.device("cpu"))["domain_runs"] == domain_runs(
+        domains[3]
+    )
     again = plan(data, micro_batches=10, batch_size=8, generator=generator())
     assert all(torch.equal(again.rows[t], batches.rows[t]) for t in data)
 

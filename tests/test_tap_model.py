@@ -206,6 +206,7 @@ def test_hf_model_without_text_tasks_still_owns_its_frozen_layers():
 def test_shared_attention_gives_the_per_path_result(model):
     """Paths that share a block's input run its first attention once; the features must equal
     those of running every path on its own."""
+    from tapdist.models.layers import domain_runs
     from tapdist.models.tap import _experts, _masked_mean, routes
 
     model.eval()
@@ -221,7 +222,7 @@ def test_shared_attention_gives_the_per_path_result(model):
                     (model.mote_blocks, model.mote_experts, r.mote_expert, r.mote_block),
                     (model.mome_blocks, model.mome_experts, r.mome_expert, r.mome_block),
                 ):
-                    x = blocks[name](x, mask, batch["domain"], _experts(grid, key))
+                    x = blocks[name](x, mask, domain_runs(batch["domain"]), _experts(grid, key))
                 naive.append(_masked_mean(x, mask))
         torch.testing.assert_close(paths, torch.stack(naive, dim=1), rtol=1e-5, atol=1e-5)
     model.train()

@@ -160,7 +160,8 @@ class Local(Algorithm):
 
     def client_round(self, client, global_sub, round_index, generator) -> ClientUpdate:
         state = self.own.get(client, global_sub)  # round-0 global state = the initial model
-        self.own[client], losses, seconds = self._train(client, state, round_index, generator)
+        own, losses, seconds = self._train(client, state, round_index, generator)
+        self.own[client] = kept(own)
         return ClientUpdate({}, {**_prefixed("local_loss", losses), "local_s": seconds})
 
     def client_state(self, client: int) -> State:
@@ -245,7 +246,7 @@ class TAP(Algorithm):
         replaced = self._replace(client, trained, personal, g_loss, generator)
         r_seconds = _now() - started
         personal, p_loss, p_seconds = self._train(client, personal, round_index, generator)
-        self.personal[client], self.personal_loss[client] = personal, p_loss
+        self.personal[client], self.personal_loss[client] = kept(personal), p_loss
         metrics = {
             **_prefixed("global_loss", g_loss),
             **_prefixed("personal_loss", p_loss),
@@ -346,6 +347,12 @@ class TAP(Algorithm):
             for a in tap.ablations
         }
         return {"tap": student, "fedavg": global_sub, "fedavg_ft": teacher, **ablations}
+
+
+def kept(state: State) -> State:
+    """A client's state to keep between rounds, in host memory: a rank's device holds one
+    client's tensors at a time, however many clients it hosts."""
+    return {k: v.cpu() for k, v in state.items()}
 
 
 def _prefixed(prefix: str, values: dict) -> dict:

@@ -95,6 +95,16 @@ class Expert(nn.Module):
         return adapted(self.base.fc2, self.fc2, self.base.act(pre))
 
 
+#: A batch's domains as runs of consecutive samples: ((domain index, samples), ...).
+Runs = tuple[tuple[int, int], ...]
+
+
+def domain_runs(domain: torch.Tensor) -> Runs:
+    """The runs of ``domain`` (one host sync; micro-batches of a plan carry them ready)."""
+    values, counts = torch.unique_consecutive(domain, return_counts=True)
+    return tuple(zip(values.tolist(), counts.tolist()))
+
+
 class DomainResidual(nn.Module):
     """MoDE: ``x + F_d(x)`` with ``F_d`` the expert of each sample's own domain."""
 
@@ -104,17 +114,19 @@ class DomainResidual(nn.Module):
         self.experts = nn.ModuleDict({d: Expert(base, lora) for d in self.domains})
 
     def forward(
-        self, x: torch.Tensor, domain: torch.Tensor, frozen_fc1: torch.Tensor | None = None
+        self, x: torch.Tensor, runs: Runs, frozen_fc1: torch.Tensor | None = None
     ) -> torch.Tensor:
-        present = torch.unique(domain).tolist()
-        if len(present) == 1:  # the usual case: micro-batches are grouped by domain
-            return x + self.experts[self.domains[present[0]]](x, frozen_fc1)
-        out = x.clone()
-        for index in present:
-            rows = domain == index
+        """Each run of samples through its domain's expert: slices of the batch, so routing
+        needs no device-to-host synchronisation."""
+        if len(runs) == 1:  # the usual case: micro-batches are grouped by domain
+            return x + self.experts[self.domains[runs[0][0]]](x, frozen_fc1)
+        parts, start = [], 0
+        for index, count in runs:
+            rows = slice(start, start + count)
             pre = None if frozen_fc1 is None else frozen_fc1[rows]
-            out[rows] = x[rows] + self.experts[self.domains[index]](x[rows], pre)
-        return out
+            parts.append(self.experts[self.domains[index]](x[rows], pre))
+            start += count
+        return x + torch.cat(parts)
 
 
 class GatedLayer(nn.Module):
@@ -135,19 +147,17 @@ class GatedLayer(nn.Module):
         return self._base[0]
 
     def forward(
-        self, x: torch.Tensor, key_mask: torch.Tensor | None, domain: torch.Tensor, expert: Expert
+        self, x: torch.Tensor, key_mask: torch.Tensor | None, runs: Runs, expert: Expert
     ) -> torch.Tensor:
-        return self.feed_forward(self.attend(x, key_mask, domain), [expert])[0]
+        return self.feed_forward(self.attend(x, key_mask, runs), [expert])[0]
 
-    def attend(
-        self, x: torch.Tensor, key_mask: torch.Tensor | None, domain: torch.Tensor
-    ) -> torch.Tensor:
+    def attend(self, x: torch.Tensor, key_mask: torch.Tensor | None, runs: Runs) -> torch.Tensor:
         """The attention half: ``x + o(attention(q, k, v))`` with MoDE before q and v."""
         b = self.base
         a = b.ln1(x)
         frozen_fc1 = b.fc1(a)  # both MoDE experts read the same input through the same base
-        q = adapted(b.q, self.lora_q, self.mode_q(a, domain, frozen_fc1))
-        v = adapted(b.v, self.lora_v, self.mode_v(a, domain, frozen_fc1))
+        q = adapted(b.q, self.lora_q, self.mode_q(a, runs, frozen_fc1))
+        v = adapted(b.v, self.lora_v, self.mode_v(a, runs, frozen_fc1))
         return x + b.o(_attention(q, b.k(a), v, key_mask, b.heads))
 
     def feed_forward(self, x: torch.Tensor, experts: list[Expert]) -> list[torch.Tensor]:

@@ -23,7 +23,7 @@ from tapdist.models.heads import (
     ImageGenerationHead,
     TextGenerationHead,
 )
-from tapdist.models.layers import Expert, GatedLayer, LoraSpec
+from tapdist.models.layers import Expert, GatedLayer, LoraSpec, Runs, domain_runs
 
 MODALITIES = ("image", "text")
 TASK_KINDS = ("image_cls", "text_cls", "image_gen", "text_gen")
@@ -104,16 +104,16 @@ class Block(nn.Module):
             GatedLayer(b, domains, settings.attention_lora, settings.mode_lora) for b in bases
         )
 
-    def forward(self, x, mask, domain, experts: list[Expert]) -> torch.Tensor:
-        return self.fan_out(x, mask, domain, [experts])[0]
+    def forward(self, x, mask, runs: Runs, experts: list[Expert]) -> torch.Tensor:
+        return self.fan_out(x, mask, runs, [experts])[0]
 
-    def fan_out(self, x, mask, domain, paths: list[list[Expert]]) -> list[torch.Tensor]:
+    def fan_out(self, x, mask, runs: Runs, paths: list[list[Expert]]) -> list[torch.Tensor]:
         """The block on one input for several paths (one expert list each): the first layer's
         attention runs once, then each path goes on with its own experts."""
         first, *rest = self.layers
-        outs = first.feed_forward(first.attend(x, mask, domain), [e[0] for e in paths])
+        outs = first.feed_forward(first.attend(x, mask, runs), [e[0] for e in paths])
         for i, layer in enumerate(rest, 1):
-            outs = [layer(h, mask, domain, e[i]) for h, e in zip(outs, paths)]
+            outs = [layer(h, mask, runs, e[i]) for h, e in zip(outs, paths)]
         return outs
 
 
@@ -218,24 +218,25 @@ class TapModel(nn.Module):
         """Head output and (B, paths, hidden) pooled path features for one task's batch.
 
         ``batch["domain"]`` holds each sample's index into :attr:`domains`; MoDE routes every
-        sample by its own domain.
+        sample by its own domain. ``batch["domain_runs"]``, when present, holds the same as runs
+        of consecutive samples (:func:`~tapdist.models.layers.domain_runs`), known on the host.
         """
         spec = self.tasks[task]
-        domain = batch["domain"]
+        runs = batch.get("domain_runs") or domain_runs(batch["domain"])
         pooled = []
         for m in spec.modalities:
             tokens, mask = self.encoders[m](batch)
             inputs = {False: tokens}
             if any(r.shared_input for r in routes(spec.kind, m, self.settings.paths)):
                 inputs[True] = self.shared_proj(tokens)
-            for r, x in zip(*self._mote(spec.kind, m, inputs, mask, domain)):
+            for r, x in zip(*self._mote(spec.kind, m, inputs, mask, runs)):
                 experts = _experts(self.mome_experts, r.mome_expert)
-                x = self.mome_blocks[r.mome_block](x, mask, domain, experts)
+                x = self.mome_blocks[r.mome_block](x, mask, runs, experts)
                 pooled.append(_masked_mean(x, mask))
         paths = torch.stack(pooled, dim=1)
         return self.heads[task](paths.mean(dim=1), paths), paths
 
-    def _mote(self, kind, modality, inputs, mask, domain) -> tuple[list[Route], list]:
+    def _mote(self, kind, modality, inputs, mask, runs: Runs) -> tuple[list[Route], list]:
         """The MoTE stage of every path of (kind, modality), in path order. Paths that run the
         same block on the same input (mod-task and mod-shared) share its first attention."""
         groups: dict[tuple[bool, str], list[Route]] = {}
@@ -244,7 +245,7 @@ class TapModel(nn.Module):
         done = {}
         for (shared, block), group in groups.items():
             experts = [_experts(self.mote_experts, r.mote_expert) for r in group]
-            outs = self.mote_blocks[block].fan_out(inputs[shared], mask, domain, experts)
+            outs = self.mote_blocks[block].fan_out(inputs[shared], mask, runs, experts)
             done.update({r.path: out for r, out in zip(group, outs)})
         ordered = routes(kind, modality, self.settings.paths)
         return ordered, [done[r.path] for r in ordered]
