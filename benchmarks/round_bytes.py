@@ -2,37 +2,76 @@
 
 A round's buffer holds the tensors its sampled clients hold (plus one count slot per tensor and
 the clients' metrics); this prints the mean, median and largest round next to the whole union.
+Counted, not timed: the model is built on the meta device, so the paper's full-size models take
+seconds and no memory.
 
-    python benchmarks/round_bytes.py configs/paper_flava.yaml configs/paper_vilt.yaml
+    python -m benchmarks.round_bytes configs/paper_flava.yaml configs/paper_vilt.yaml
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
+from pathlib import Path
 
+from benchmarks.common import (
+    RESULTS,
+    config_path,
+    hardware,
+    markdown_table,
+    meta_union_model,
+    run_main,
+    shown,
+    write_json,
+)
 from tapdist.config import load_config
 from tapdist.data.spec import parse_clients
 from tapdist.fl.topology import sample_clients
-from tapdist.models.federated import build_union_model
+
+DEFAULT_CONFIGS = ["configs/paper_flava.yaml", "configs/paper_vilt.yaml"]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("configs", nargs="+")
-    args = parser.parse_args()
-    print(
-        "| config | rounds | union params | round params: mean / median / max | "
-        "fp64 MB per round: mean (union) |"
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.round_bytes", description=__doc__.split("\n")[0]
     )
-    print("| --- | --- | --- | --- | --- |")
-    for path in args.configs:
-        print(row(path))
+    parser.add_argument(
+        "configs", nargs="*", default=DEFAULT_CONFIGS, help="configs (default: both paper ones)"
+    )
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=RESULTS / "round_bytes.json",
+        help="where to write the results (default benchmarks/results/round_bytes.json)",
+    )
+    args = parser.parse_args(argv)
+    rows = [schedule(config_path(path)) for path in args.configs]
+    headers = [
+        "config", "rounds", "union params", "round params: mean / median / max",
+        "fp64 MB per round: mean (union)",
+    ]  # fmt: skip
+    body = [
+        [
+            f"`{r['config']}`",
+            r["rounds"],
+            f"{r['union_params'] / 1e6:.1f}M",
+            f"{r['round_params_mean'] / 1e6:.1f}M / {r['round_params_median'] / 1e6:.1f}M / "
+            f"{r['round_params_max'] / 1e6:.1f}M",
+            f"{8 * r['round_params_mean'] / 1e6:.0f} ({8 * r['union_params'] / 1e6:.0f})",
+        ]
+        for r in rows
+    ]
+    print(markdown_table(headers, body))
+    payload = {"benchmark": "round_bytes", "hardware": hardware(), "rows": rows}
+    print(f"\nwrote {write_json(args.json, payload)}")
+    return 0
 
 
-def row(path: str) -> str:
+def schedule(path: str) -> dict:
+    """Parameters in each round's buffer over ``federation.rounds`` rounds of ``path``."""
     cfg = load_config(path)
-    model = build_union_model(cfg)
+    model = meta_union_model(cfg)
     params = dict(model.named_parameters())
     clients = parse_clients(cfg.data, list(model.tasks.values()))
     keys = [set(model.client_names(c.tasks)) for c in clients]
@@ -40,17 +79,19 @@ def row(path: str) -> str:
     fed = cfg.federation
     per_round = []
     for r in range(fed.rounds):
-        active = set().union(
-            *(keys[c] for c in sample_clients(cfg.run.seed, r, len(clients), fed.clients_per_round))
-        )
+        sampled = sample_clients(cfg.run.seed, r, len(clients), fed.clients_per_round)
+        active = set().union(*(keys[c] for c in sampled))
         per_round.append(sum(params[n].numel() for n in active))
-    mean = statistics.mean(per_round)
-    return (
-        f"| `{path}` | {fed.rounds} | {union / 1e6:.1f}M | {mean / 1e6:.1f}M / "
-        f"{statistics.median(per_round) / 1e6:.1f}M / {max(per_round) / 1e6:.1f}M | "
-        f"{8 * mean / 1e6:.0f} ({8 * union / 1e6:.0f}) |"
-    )
+    return {
+        "config": shown(path),
+        "rounds": fed.rounds,
+        "union_params": union,
+        "round_params_mean": statistics.mean(per_round),
+        "round_params_median": statistics.median(per_round),
+        "round_params_max": max(per_round),
+        "round_params": per_round,
+    }
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -36,7 +36,7 @@ def model_info(cfg: Config) -> str:
     for client in clients:
         names = model.client_names(client.tasks)
         n = sum(params[x].numel() for x in names)
-        used_frozen = _frozen_used(model, client.tasks)
+        used_frozen = frozen_used(model, client.tasks)
         lines.append(
             _row(
                 f"client {client.id} ({'+'.join(client.tasks)})",
@@ -56,7 +56,7 @@ def model_info(cfg: Config) -> str:
     return "\n".join(lines)
 
 
-def _frozen_used(model: TapModel, tasks) -> int:
+def frozen_used(model: TapModel, tasks) -> int:
     """Frozen parameters a client's forward reads: its modalities' towers and the gated layers'
     bases (which may live inside a tower), each counted once."""
     modalities = {m for t in tasks for m in model.tasks[t].modalities}

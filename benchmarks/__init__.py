@@ -1,0 +1,1 @@
+"""Benchmark scripts of tapdist: each runs as `python -m benchmarks.NAME` (see README.md)."""
