@@ -5,7 +5,8 @@ Timing, per backend, world size and wire dtype: the ranks run the round loop's a
 round's sampled clients it hosts into the flat buffer (``accumulate``), joins ``all_reduce_round``
 and averages (``finalize``); in the same repetition they all_reduce one plain tensor of the same
 bytes. Reported: medians of each phase, bandwidth (bytes on the wire / seconds) and efficiency
-(raw seconds / union seconds) of the whole path and of its collective alone. One rank sends
+(raw seconds / union seconds) of the whole path and of its collective alone (timed after a
+barrier, so a rank that packs less does not count its wait for the others). One rank sends
 nothing (tapdist skips the collective), so its rows show the packing and averaging only.
 
 Counting, per config (nothing is timed or allocated: the model is built on the meta device):
@@ -292,12 +293,16 @@ def union_round(ctx, work: Round, dtype: str) -> tuple[int, dict[str, float]]:
     )
     for upload, weight in work.uploads:
         accumulate(buf, upload, weight, work.state if deltas else None)
+    packed = _clock(ctx)
+    # ranks pack different clients: line them up so the collective's time is its own, not the
+    # wait for the slowest packer (the round loop has no barrier here; its time is the sum)
+    ctx.barrier("comm benchmark: packed")
     t1 = _clock(ctx)
     sent = all_reduce_round(ctx, buf, dtype, "comm benchmark: union all_reduce")
     t2 = _clock(ctx)
     finalize(buf, work.state, deltas)
     t3 = _clock(ctx)
-    return sent, {"pack": t1 - t0, "all_reduce": t2 - t1, "finalize": t3 - t2}
+    return sent, {"pack": packed - t0, "all_reduce": t2 - t1, "finalize": t3 - t2}
 
 
 def _row(work: Round, dtype: str, wire: int, world: int, sec: dict, union_s: float) -> dict:
@@ -387,7 +392,7 @@ def report(args: argparse.Namespace, hw: dict, rows: list[dict], counts: list[di
             f"{first['round_tensors']} tensors; {args.threads} thread(s) per rank; median of "
             f"{bench.repeats} after {bench.warmup} warm-up. Efficiency: raw all_reduce seconds "
             "over the union path's (whole: pack + all_reduce + average; collective: its "
-            "all_reduce alone).",
+            "all_reduce alone, started after a barrier).",
             "",
             timing_table(rows),
             "",
