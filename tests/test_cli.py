@@ -1,6 +1,7 @@
 """`tapdist` from the command line: a whole run in-process, and bad input."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -111,3 +112,20 @@ def test_config_and_models_commands(smoke_config):
     assert shown.returncode == 0 and "rounds: 9" in shown.stdout
     listed = run_cli("models", "--plugin", str(FAILING_PLUGIN))
     assert "tap" in listed.stdout and "fedavg_failing" in listed.stdout
+
+
+@pytest.mark.integration
+def test_demo_command_builds_its_federation_and_runs_under_torchrun(tmp_path):
+    """`tapdist demo` (README's main command) end to end on a one-round schedule: it builds
+    the federation file, starts the ranks under torchrun and prints the comparison."""
+    short = ["federation.rounds=1", "train.local_steps=1", "tap.finetune_steps=1"]
+    cmd = [sys.executable, "-m", "tapdist", "demo", "--run-dir", str(tmp_path), "--processes", "2"]
+    for item in short:
+        cmd += ["--set", item]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "federation.h5").is_file()
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert list(results) == ["tap", "fedavg", "fedavg_ft", "local"]
+    assert "| image_cls · accuracy (%) ↑ |" in done.stdout
