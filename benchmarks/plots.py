@@ -15,13 +15,14 @@ import json
 from pathlib import Path
 
 from benchmarks.common import RESULTS, run_main
+from benchmarks.round import PEAKS
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="benchmarks.plots", description=__doc__.split("\n")[0])
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder of the JSON files")
     args = parser.parse_args(argv)
-    from tapdist.report import _figure  # matplotlib, Agg canvas, no pyplot state
+    from tapdist.report import agg_figure  # matplotlib, Agg canvas, no pyplot state
 
     drawn = []
     for name, draw in (
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         if not source.exists():
             print(f"{source}: not there, skipped")
             continue
-        fig = draw(_figure, json.loads(source.read_text()), args.results)
+        fig = draw(agg_figure, json.loads(source.read_text()), args.results)
         target = args.results / f"{name.split('-')[0]}.png"
         fig.savefig(target, dpi=110, bbox_inches="tight")
         drawn.append(target)
@@ -118,7 +119,8 @@ def _round(figure, data: dict, results: Path):
     x = range(len(cases))
     ax.bar([i - 0.2 for i in x], train, 0.4, label="training micro-batch")
     ax.bar([i + 0.2 for i in x], bare, 0.4, label="bare forward + backward")
-    floor = data["results"][0]["tflop_per_micro_batch"] * 1e12 / 989e12 * 1e3
+    peak = next(p["bf16"] for key, p in PEAKS if key in cases[0]["device"])
+    floor = data["results"][0]["tflop_per_micro_batch"] * 1e12 / peak * 1e3
     ax.axhline(floor, color="grey", linestyle=":", label=f"bf16 peak floor {floor:.1f} ms")
     ax.set_xticks(list(x), labels)
     ax.set(

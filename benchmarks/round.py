@@ -30,7 +30,15 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.common import RESULTS, config_path, describe, hardware, run_main, write_json
+from benchmarks.common import (
+    RESULTS,
+    config_path,
+    describe,
+    hardware,
+    memory_now,
+    run_main,
+    write_json,
+)
 from tapdist.config import load_config
 from tapdist.local import LocalTrainer, plan
 from tapdist.models.federated import TapFederation
@@ -78,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
 def measure(federation, cfg, client: int, amp: str, device: torch.device, args) -> dict:
     """Time ``args.repeats`` TAP client-rounds of ``client`` after ``args.warmup`` untimed ones,
     the bare loop, and one micro-batch's FLOPs."""
-    train = dataclasses.replace(cfg.train, amp=amp, compile=args.compile)
+    train = dataclasses.replace(cfg.train, amp=amp)
     federation.trainer = LocalTrainer(federation.model, train, device)
     algorithm = ALGORITHMS.get("tap")(dataclasses.replace(cfg, train=train), federation)
     tasks = list(federation.specs[client].tasks)
@@ -123,7 +131,6 @@ def measure(federation, cfg, client: int, amp: str, device: torch.device, args) 
         "bare_mfu": None if peak is None else flops / (bare_ms / 1e3) / peak,
         "host_syncs_per_micro_batch": syncs,
         "peak_memory_gb": _peak_memory(device) / 2**30,
-        "compile": train.compile,
         "profile": profiled,
         "trainable_params": sum(v.numel() for v in start.values()),
     }
@@ -213,7 +220,7 @@ def _ready_steps(federation, client: int, state, device: torch.device, count: in
     def step(micro):
         with trainer._precision():
             total = sum(
-                batches.shares[t] * model.heads[t].loss(trainer.forward(t, b)[0], b).float()
+                batches.shares[t] * model.heads[t].loss(model(t, b)[0], b).float()
                 for t, b in micro.items()
             )
         total.backward()
@@ -255,12 +262,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=2, help="timed client-rounds (median)")
     p.add_argument("--bare", type=int, default=20, help="micro-batches of the bare loop")
     p.add_argument("--set", dest="overrides", action="append", default=[])
-    p.add_argument(
-        "--compile",
-        default="off",
-        choices=("off", "default", "reduce-overhead"),
-        help="train.compile for the measured rounds",
-    )
     p.add_argument("--profile", action="store_true", help="profile a few micro-batches")
     p.add_argument(
         "--json",
@@ -283,11 +284,8 @@ def _reset_peak(device: torch.device) -> None:
 
 
 def _peak_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    usage = memory_now(device)
+    return usage.get("cuda_peak_allocated", usage["peak_rss"])
 
 
 def _peak(device: torch.device, dtype: str) -> float | None:

@@ -166,12 +166,6 @@ class TrainConfig:
         "mixed precision: auto = bf16 autocast on CUDA and none on CPU; bf16 forces it",
         choices=("auto", "bf16", "off"),
     )
-    compile: str = option(
-        "off",
-        "torch.compile the model's forward for training: default fuses kernels, "
-        "reduce-overhead also replays CUDA graphs (GPU; the first micro-batches compile)",
-        choices=("off", "default", "reduce-overhead"),
-    )
     eval_batch_size: int = option(64, "samples per evaluation batch", min=1)
 
 

@@ -82,8 +82,6 @@ class LocalTrainer:
         bf16 = cfg.amp == "bf16" or (cfg.amp == "auto" and self.device.type == "cuda")
         self.autocast = bf16
         self._resident: tuple[Data, Data] | None = None  # (host data, its copy on the device)
-        # the forward training runs: compiled once per task's shapes when train.compile asks
-        self.forward = model if cfg.compile == "off" else torch.compile(model, mode=cfg.compile)
 
     def train(
         self,
@@ -179,7 +177,7 @@ class LocalTrainer:
         with self._precision():
             for task, share in batches.shares.items():
                 batch = batches.batch(data, task, index, self.device)
-                out, paths[task] = self.forward(task, batch)
+                out, paths[task] = model(task, batch)
                 loss = model.heads[task].loss(out, batch).float()
                 task_losses.append(loss.detach())
                 if extra is not None:

@@ -179,7 +179,7 @@ def _require_matplotlib() -> None:
         ) from None
 
 
-def _figure(width: float, height: float):
+def agg_figure(width: float, height: float):
     """A matplotlib Figure on the Agg canvas (no display, no pyplot state)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -243,7 +243,7 @@ def loss_figure(algorithm: str, records: Sequence[Mapping], kinds: Mapping[str, 
         sorted(series.items(), key=lambda item: (order.get(item[0], len(order)), item[0]))
     )
     columns = min(3, len(series))
-    figure = _figure(4.2 * columns + 2.0, 3.0 * math.ceil(len(series) / columns) + 0.7)
+    figure = agg_figure(4.2 * columns + 2.0, 3.0 * math.ceil(len(series) / columns) + 0.7)
     clients = sorted({c for lines in series.values() for _, c in lines}, key=_client_order)
     colors = dict(zip(clients, _colors(len(clients))))
     metrics = list(dict.fromkeys(m for lines in series.values() for m, _ in lines))
@@ -281,7 +281,7 @@ def replacements_figure(runs: Records):
         for k in METRICS
         if any(k in r.get("replacements", {}) for rs in rows.values() for r in rs)
     ]
-    figure = _figure(3.3 * len(kinds) + 0.4, 2.9 * len(rows) + 0.6)
+    figure = agg_figure(3.3 * len(kinds) + 0.4, 2.9 * len(rows) + 0.6)
     axes = figure.subplots(len(rows), len(kinds), squeeze=False, sharey="row")
     for row, (algorithm, records) in zip(axes, rows.items()):
         rounds = [r["round"] + 1 for r in records]
@@ -311,7 +311,7 @@ def comparison_figure(results: Mapping):
     counts = {k: _entries_of_kind(results[methods[0]], k) for k in kinds}
     columns = min(4, len(kinds))
     rows = math.ceil(len(kinds) / columns)
-    figure = _figure(3.4 * columns + 1.0, (0.42 * len(methods) + 1.3) * rows + 0.5)
+    figure = agg_figure(3.4 * columns + 1.0, (0.42 * len(methods) + 1.3) * rows + 0.5)
     colors = dict(zip(methods, _colors(len(methods))))
     for ax, kind in zip(_grid(figure, len(kinds), columns), kinds):
         metric = PRIMARY[kind][0]
@@ -397,7 +397,7 @@ def time_figure(runs: Records):
     names = list(dict.fromkeys(p for rows in per_algorithm.values() for row in rows for p in row))
     names.sort(key=lambda p: (p in ("other client work", "aggregation"), p == "aggregation"))
     colors = dict(zip(names, _colors(len(names))))
-    figure = _figure(9.0, 2.7 * len(runs) + 0.7)
+    figure = agg_figure(9.0, 2.7 * len(runs) + 0.7)
     axes = figure.subplots(len(runs), 1, squeeze=False)[:, 0]
     for ax, (algorithm, rows) in zip(axes, per_algorithm.items()):
         rounds = [r["round"] + 1 for r in runs[algorithm]]

@@ -133,8 +133,7 @@ def _prepare(cfg: Config, ctx: DistContext, run_dir: Path, resume: bool) -> tupl
         start = _resume_point(checkpoints, run_dir, names, required=False)
     for client in topology.clients_of(ctx.rank):
         model.train_data(client)
-        if hasattr(model, "test_data"):
-            model.test_data(client)
+        model.test_data(client)
     return names, model, topology, checkpoints, start
 
 
@@ -261,11 +260,17 @@ def _trim_metrics(path: Path, names: list[str], start: Checkpoint) -> None:
     if not path.exists():
         return
     kept = []
-    for line in path.read_text().splitlines():
+    lines = path.read_text().splitlines()
+    for number, line in enumerate(lines, 1):
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            log.warning("%s: dropping a line cut short by an interrupted job", path)
+            if number < len(lines):
+                raise ConfigError(
+                    f"{path}, line {number}: not a metrics record; repair or remove the line "
+                    "and resume again"
+                ) from None
+            log.warning("%s: dropping its last line, cut short by an interrupted job", path)
             continue
         index = names.index(record["algorithm"])
         if (index, record["round"]) < (start.algorithm_index, start.round):

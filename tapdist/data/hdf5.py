@@ -361,7 +361,9 @@ def _open(path: Path) -> Iterator[h5py.File]:
     try:
         with h5py.File(path, "r") as f:
             yield f
-    except (OSError, KeyError) as err:  # h5py's KeyError: an object it cannot open
+    except (OSError, KeyError) as err:
+        if isinstance(err, KeyError) and not _h5_message(err).startswith("Unable to"):
+            raise  # not h5py failing to open an object: a bug, keep its traceback
         raise DataError(
             f"{path}: not a readable HDF5 file (truncated or corrupt: {_h5_message(err)}); "
             f"{_REBUILD}"

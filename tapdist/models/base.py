@@ -62,5 +62,8 @@ class FederatedModel(Protocol):
     def train_data(self, client: int) -> Mapping[str, Mapping[str, torch.Tensor]]:
         """The client's training samples: task -> field -> tensor."""
 
+    def test_data(self, client: int) -> Mapping[str, Mapping[str, torch.Tensor]]:
+        """The client's held-out samples, as :meth:`train_data`."""
+
     def evaluate(self, client: int, state: State) -> dict[str, dict[str, float]]:
         """Metrics of ``state`` on the client's held-out samples: task -> metric -> value."""

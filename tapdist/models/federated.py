@@ -187,11 +187,6 @@ class TapFederation:
                 self._data[key] = read_client(self.file, client, split, self.model.domains)
             else:
                 self._data[key] = self._synthetic(self.specs[client], split)
-            if self.device.type == "cuda":  # page-locked: copies to the GPU run asynchronously
-                self._data[key] = {
-                    task: {k: v.pin_memory() for k, v in fields.items()}
-                    for task, fields in self._data[key].items()
-                }
         return self._data[key]
 
     def _synthetic(self, c: ClientSpec, split: str) -> dict[str, dict[str, torch.Tensor]]:
