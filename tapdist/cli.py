@@ -19,14 +19,10 @@ from __future__ import annotations
 
 import argparse
 import ast
-import importlib.machinery
-import importlib.util
-import inspect
 import os
-import runpy
+import subprocess
 import sys
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
 
 import tapdist
@@ -243,41 +239,20 @@ def _no_checkout(folder: Path) -> str:
     )
 
 
-def benchmarks_in(folder: Path) -> dict[str, Benchmark]:
-    """Every benchmark script in ``folder`` by name: a module with an
-    ``if __name__ == "__main__":`` block or a ``main`` function (helper modules have neither)."""
+def benchmarks_in(folder: Path) -> dict[str, str]:
+    """Every benchmark script in ``folder`` by name, with the first line of its docstring: a
+    module with an ``if __name__ == "__main__":`` block (helper modules have none)."""
     if not folder.is_dir():
         raise CommandError(_no_checkout(folder))
     found = {}
     for path in sorted(folder.glob("*.py")):
-        script = Benchmark.read(path)
-        if script is not None and not path.name.startswith("_"):
-            found[path.stem] = script
-    return found
-
-
-@dataclass(frozen=True)
-class Benchmark:
-    """A benchmark script: how it runs, and the first line of its docstring."""
-
-    path: Path
-    main_block: bool  # runs under `if __name__ == "__main__":`; else through main(argv)
-    summary: str
-
-    @classmethod
-    def read(cls, path: Path) -> Benchmark | None:
         try:
             tree = ast.parse(path.read_text(encoding="utf-8"))
         except (SyntaxError, UnicodeDecodeError):
-            return None
-        main_block = any(_is_main_block(node) for node in tree.body)
-        has_main = any(
-            isinstance(node, ast.FunctionDef) and node.name == "main" for node in tree.body
-        )
-        if not (main_block or has_main):
-            return None
-        doc = (ast.get_docstring(tree) or "").strip().split("\n")[0]
-        return cls(path, main_block, doc)
+            continue
+        if any(_is_main_block(node) for node in tree.body) and not path.name.startswith("_"):
+            found[path.stem] = (ast.get_docstring(tree) or "").strip().split("\n")[0]
+    return found
 
 
 def _is_main_block(node: ast.stmt) -> bool:
@@ -295,67 +270,18 @@ def benchmark_list(folder: Path) -> str:
     if not found:
         return f"no benchmarks in {folder}"
     width = max(map(len, found))
-    lines = [f"  {name.ljust(width)}  {script.summary}" for name, script in found.items()]
+    lines = [f"  {name.ljust(width)}  {summary}" for name, summary in found.items()]
     return "\n".join(
         [f"benchmarks in {folder} (tapdist bench NAME [ARGS...]; NAME --help):", *lines]
     )
 
 
 def run_benchmark(name: str, args: list[str], folder: Path) -> int:
-    """Run ``folder``/NAME.py as ``python -m <folder name>.NAME ARGS...`` would, in this
-    process (a script with only a ``main`` function: ``main(ARGS)``); its exit status."""
+    """Run ``folder``/NAME.py as ``python -m <folder name>.NAME ARGS...`` from the folder's
+    parent (the repository root); its exit status."""
     found = benchmarks_in(folder)
     if name not in found:
         known = ", ".join(found) or "none"
         raise CommandError(f"no benchmark '{name}' in {folder}; available: {known}")
-    package = folder.name
-    saved = sys.argv[:], sys.path[:], _pop_modules(package)
-    sys.path.insert(0, str(folder.parent))
-    sys.argv = [str(found[name].path), *args]
-    try:
-        _load_package(package, folder)
-        if found[name].main_block:
-            runpy.run_module(f"{package}.{name}", run_name="__main__", alter_sys=True)
-            return 0
-        main = runpy.run_module(f"{package}.{name}", alter_sys=True)["main"]
-        code = main(args) if inspect.signature(main).parameters else main()
-        return code if isinstance(code, int) else 0
-    except SystemExit as stop:
-        return _exit_status(stop.code)
-    finally:
-        sys.argv, sys.path = saved[0], saved[1]
-        _pop_modules(package)
-        sys.modules.update(saved[2])
-
-
-def _load_package(name: str, folder: Path) -> None:
-    """Import ``folder`` as the package ``name``, whatever else on sys.path has that name (a
-    regular package elsewhere would win over a folder without __init__.py)."""
-    init = folder / "__init__.py"
-    if init.is_file():
-        spec = importlib.util.spec_from_file_location(
-            name, init, submodule_search_locations=[str(folder)]
-        )
-    else:
-        spec = importlib.machinery.ModuleSpec(name, None, is_package=True)
-        spec.submodule_search_locations = [str(folder)]
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    if spec.loader is not None:
-        spec.loader.exec_module(module)
-
-
-def _pop_modules(package: str) -> dict:
-    """Remove ``package`` and its modules from sys.modules and return them, so that a benchmark
-    run imports the folder it was given (and the caller's modules come back after)."""
-    found = {m: v for m, v in sys.modules.items() if m == package or m.startswith(package + ".")}
-    for module in found:
-        del sys.modules[module]
-    return found
-
-
-def _exit_status(code: object) -> int:
-    if code is None or isinstance(code, int):
-        return code or 0
-    print(code, file=sys.stderr)  # sys.exit("message") prints the message and exits with 1
-    return 1
+    command = [sys.executable, "-m", f"{folder.name}.{name}", *args]
+    return subprocess.call(command, cwd=folder.parent)
