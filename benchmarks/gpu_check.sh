@@ -4,9 +4,11 @@
 #
 #   bash benchmarks/gpu_check.sh OUT_DIR [round benchmark options]
 #
-# Writes OUT_DIR/smoke-*/ (runs), OUT_DIR/agreement.txt and OUT_DIR/round*.json. Each step has
-# its own time limit so a slow one cannot starve the rest.
+# Writes OUT_DIR/smoke-*/ (runs), OUT_DIR/agreement.txt and OUT_DIR/round-CONFIG-PRECISION.json.
+# Each step has its own time limit so a slow one cannot starve the rest; the whole script needs
+# at most 10 minutes (one device call). Give the device back as soon as it ends: an idle machine still counts.
 set -uo pipefail
+declare -A limits
 out=${1:?usage: benchmarks/gpu_check.sh OUT_DIR [round options]}
 shift
 export HF_HUB_OFFLINE=1 PYTHONPATH=${PYTHONPATH:-.}
@@ -17,7 +19,7 @@ python -c 'import torch, transformers; print("torch", torch.__version__, "transf
 smoke() {  # name, launcher prefix..., then --set overrides
     local name=$1
     shift
-    timeout 120 "$@" configs/smoke.yaml --run-dir "$out/smoke-$name" >"$out/smoke-$name.log" 2>&1 \
+    timeout 90 "$@" configs/smoke.yaml --run-dir "$out/smoke-$name" >"$out/smoke-$name.log" 2>&1 \
         || { echo "smoke-$name failed:"; tail -20 "$out/smoke-$name.log"; }
 }
 smoke cpu python -m tapdist train --set dist.device=cpu --set train.amp=off &
@@ -56,7 +58,15 @@ for name in ("cuda", "bf16", "nccl"):
           f"{diffs[worst]:.2e} ({worst}: {base[worst]:.6g} vs {other[worst]:.6g})")
 EOF
 
-timeout 200 python -m benchmarks.round --amp bf16 --json "$out/round.json" "$@" \
-    || echo "round benchmark (bf16) ended with status $?"
-timeout 100 python -m benchmarks.round --amp off --warmup 0 --repeats 1 --bare 10 \
-    --json "$out/round-fp32.json" "$@" || echo "round benchmark (fp32) ended with status $?"
+# one step per config and precision, each under its own limit, bf16 first
+limits=([paper_flava]=150 [paper_vilt]=180)
+for config in paper_flava paper_vilt; do
+    timeout "${limits[$config]}" python -m benchmarks.round --config "configs/$config.yaml" --amp bf16 \
+        --repeats 1 --json "$out/round-$config-bf16.json" "$@" \
+        || echo "round $config bf16 ended with status $?"
+done
+for config in paper_flava paper_vilt; do
+    timeout 90 python -m benchmarks.round --config "configs/$config.yaml" --amp off \
+        --warmup 0 --repeats 1 --bare 10 --json "$out/round-$config-fp32.json" "$@" \
+        || echo "round $config fp32 ended with status $?"
+done
