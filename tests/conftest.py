@@ -61,6 +61,11 @@ def smoke_config() -> Path:
 @pytest.fixture(scope="session")
 def slurm_cluster():
     """The local single-node Slurm cluster (slurm/local_cluster.sh), started once per session."""
+    start_slurm_cluster()
+
+
+def start_slurm_cluster() -> None:
+    """Bring the local Slurm cluster up (idempotent), or skip where Slurm is missing."""
     if venv_tool("srun") is None:
         unavailable("srun not found: apt-get install slurm-wlm munge")
     up = subprocess.run(

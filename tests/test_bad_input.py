@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, torchrun_command, unavailable, venv_tool
+from conftest import ROOT, start_slurm_cluster, torchrun_command, unavailable, venv_tool
 
 from tapdist.cli import main
 from tapdist.dist import DeviceError, Launch, device_for
@@ -415,7 +415,7 @@ def test_srun_every_task_exits_2_without_a_gpu(tmp_path, run_dir, good_file):
     srun = venv_tool("srun")
     if srun is None:
         unavailable("srun not found: apt-get install slurm-wlm munge")
-    _start_slurm()
+    start_slurm_cluster()
     before = snapshot(run_dir)
     args = train_args(SMOKE_HDF5, good_file, "dist.device=cuda")
     cmd = [srun, "-n", "3", "--overcommit", "--time=5", sys.executable, "-m", "tapdist", *args]
@@ -428,18 +428,6 @@ def test_srun_every_task_exits_2_without_a_gpu(tmp_path, run_dir, good_file):
             done.stderr
         )
     assert snapshot(run_dir) == before
-
-
-def _start_slurm() -> None:
-    up = subprocess.run(
-        ["bash", str(ROOT / "slurm" / "local_cluster.sh"), "up"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    if up.returncode == 3:
-        unavailable(up.stderr.strip() or "slurm/munge binaries missing")
-    assert up.returncode == 0, f"local Slurm cluster did not start:\n{up.stdout}\n{up.stderr}"
 
 
 # --- more ranks on a node than GPUs: a pure function, checked with any GPU count ---------------

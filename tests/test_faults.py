@@ -13,7 +13,7 @@ import threading
 import time
 
 import pytest
-from conftest import ROOT, SMOKE_CONFIG, unavailable, venv_tool
+from conftest import ROOT, SMOKE_CONFIG, start_slurm_cluster, unavailable, venv_tool
 
 from tapdist.dist.context import Arrivals
 from tapdist.dist.faults import parse_fault
@@ -97,18 +97,8 @@ def mpiexec(backend: str) -> list[str]:
 
 
 def srun(backend: str) -> list[str]:
+    start_slurm_cluster()
     tool = venv_tool("srun")
-    if tool is None:
-        unavailable("srun not found: apt-get install slurm-wlm munge")
-    up = subprocess.run(
-        ["bash", str(ROOT / "slurm" / "local_cluster.sh"), "up"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    if up.returncode == 3:
-        unavailable(up.stderr.strip() or "slurm/munge binaries missing")
-    assert up.returncode == 0, f"local Slurm cluster did not start:\n{up.stdout}\n{up.stderr}"
     # as slurm/tapdist.sbatch launches: a task that fails ends the step
     flags = ["-n", "3", "--overcommit", "--kill-on-bad-exit=1", "--time=10"]
     return [tool, *flags, sys.executable, *TRAIN, "--set", f"dist.backend={backend}"]
