@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import json
 import sys
 import time
 
@@ -32,6 +31,7 @@ from benchmarks.common import (
     config_path,
     describe,
     hardware,
+    identical_clients,
     launched,
     markdown_table,
     median,
@@ -119,18 +119,7 @@ def _worker_args(args: argparse.Namespace) -> list[str]:
 
 
 def federation_config(args: argparse.Namespace, clients: int, per_round: int) -> Config:
-    spec = [{"tasks": list(args.tasks), "samples": args.samples}] * clients
-    return load_config(
-        args.config,
-        [
-            f"federation.clients={clients}",
-            f"federation.clients_per_round={per_round}",
-            "federation.baselines=[]",
-            f"data.clients={json.dumps(spec)}",
-            f"train.local_steps={args.local_steps}",
-            *args.overrides,
-        ],
-    )
+    return identical_clients(args, clients, per_round)
 
 
 def worker(args: argparse.Namespace) -> list[dict] | None:

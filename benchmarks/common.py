@@ -264,6 +264,25 @@ def save_rows(path: Path | None, rows: list[dict] | None) -> None:
 # --- the federation a benchmark runs --------------------------------------------------------------
 
 
+def identical_clients(args: argparse.Namespace, clients: int, per_round: int):
+    """``args.config`` with ``clients`` identical clients (``args.tasks``, ``args.samples`` each,
+    ``args.local_steps``), ``per_round`` of them sampled per round, no baselines."""
+    from tapdist.config import load_config
+
+    spec = [{"tasks": list(args.tasks), "samples": args.samples}] * clients
+    return load_config(
+        args.config,
+        [
+            f"federation.clients={clients}",
+            f"federation.clients_per_round={per_round}",
+            "federation.baselines=[]",
+            f"data.clients={json.dumps(spec)}",
+            f"train.local_steps={args.local_steps}",
+            *args.overrides,
+        ],
+    )
+
+
 def build_federation(cfg, ctx):
     """The registered model, the algorithm and the topology a training run would build
     (``tapdist.train``), for benchmarks that drive :class:`~tapdist.fl.loop.RoundLoop`."""

@@ -23,7 +23,6 @@ more ranks than cores oversubscribe the CPU, and the table says so.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from benchmarks.common import (
@@ -32,6 +31,7 @@ from benchmarks.common import (
     config_path,
     describe,
     hardware,
+    identical_clients,
     launched,
     markdown_table,
     median,
@@ -120,18 +120,7 @@ def _worker_args(args: argparse.Namespace) -> list[str]:
 def federation_config(args: argparse.Namespace, mode: str, world: int) -> Config:
     """``args.config`` with ``clients`` identical clients, all of them in every round."""
     clients = args.clients_per_rank * world if mode == "weak" else args.clients
-    spec = [{"tasks": list(args.tasks), "samples": args.samples}] * clients
-    return load_config(
-        args.config,
-        [
-            f"federation.clients={clients}",
-            f"federation.clients_per_round={clients}",
-            "federation.baselines=[]",
-            f"data.clients={json.dumps(spec)}",
-            f"train.local_steps={args.local_steps}",
-            *args.overrides,
-        ],
-    )
+    return identical_clients(args, clients, clients)
 
 
 def worker(args: argparse.Namespace) -> list[dict] | None:
