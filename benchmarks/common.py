@@ -208,22 +208,14 @@ def rank_command(
 ) -> list[str]:
     """The command that runs ``python -m MODULE ARGS`` as ``processes`` ranks: one plain process
     for one rank, else under ``launcher`` (torchrun: local ranks, standalone rendezvous)."""
+    from tapdist.dist.launch import local_torchrun_command
+
     python = [sys.executable, "-m", module, *args]
     extra = shlex.split(launcher_args)
     if processes == 1 and launcher == "torchrun":
         return python
     if launcher == "torchrun":
-        return [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={processes}",
-            *extra,
-            "-m",
-            module,
-            *args,
-        ]
+        return local_torchrun_command(processes, args, module, extra)
     if launcher == "mpiexec":
         mpiexec = _tool("mpiexec", "pip install 'tapdist[mpi-wheel]'")
         return [mpiexec, "-n", str(processes), *extra, *python]

@@ -10,7 +10,7 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 LAUNCHERS = ("single", "torchrun", "slurm", "mpi")
@@ -229,17 +229,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def local_torchrun_command(processes: int, args: list[str]) -> list[str]:
-    """The command that starts ``python -m tapdist ARGS`` as ``processes`` local ranks under
-    torchrun (standalone rendezvous on this host)."""
+def local_torchrun_command(
+    processes: int, args: Sequence[str], module: str = "tapdist", flags: Sequence[str] = ()
+) -> list[str]:
+    """The command that starts ``python -m MODULE ARGS`` as ``processes`` local ranks under
+    torchrun (standalone rendezvous on this host; ``flags`` go to torchrun)."""
     return [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--standalone",
         f"--nproc_per_node={processes}",
+        *flags,
         "-m",
-        "tapdist",
+        module,
         *args,
     ]
 
