@@ -165,6 +165,16 @@ def metrics_rounds(run_dir: Path) -> list[int]:
     return [json.loads(line)["round"] for line in lines]
 
 
+def stop_mid_run(job: Job, signal: str, run_dir: Path) -> Path:
+    """Send ``signal`` to ``job``'s steps once a round is done; the job must end cleanly after
+    a checkpoint, which is returned."""
+    job.wait_for_round(run_dir / "metrics.jsonl")
+    job.signal(signal)
+    output = job.assert_completed(job.wait())
+    assert "stopped by a stop signal" in output
+    return stopped_checkpoint(run_dir)
+
+
 def stopped_checkpoint(run_dir: Path) -> Path:
     """The newest complete checkpoint of a run that stopped early."""
     assert not (run_dir / "results.json").exists(), "the run finished before the signal"
@@ -190,11 +200,7 @@ def test_sigterm_stops_the_job_cleanly_and_resume_finishes_it(submit, single, tm
     same template resubmitted with --resume ends as an uninterrupted run."""
     run_dir = tmp_path / "run"
     job = submit("one_node", "--run-dir", run_dir, *overrides(LONGER))
-    job.wait_for_round(run_dir / "metrics.jsonl")
-    job.signal("TERM")
-    output = job.assert_completed(job.wait())
-    assert "stopped by a stop signal" in output
-    checkpoint = stopped_checkpoint(run_dir)
+    checkpoint = stop_mid_run(job, "TERM", run_dir)
 
     again = submit("one_node", "--resume", run_dir, *overrides(LONGER), name="resumed")
     output = again.assert_completed(again.wait())
@@ -209,11 +215,7 @@ def test_a_requeued_job_resumes_by_itself(submit, single, tmp_path):
     (SLURM_RESTART_COUNT=1), which goes on from the newest checkpoint by itself."""
     run_dir = tmp_path / "run"
     job = submit("multi_node_torchrun", "--run-dir", run_dir, *overrides(LONGER))
-    job.wait_for_round(run_dir / "metrics.jsonl")
-    job.signal("USR1")
-    output = job.assert_completed(job.wait())
-    assert "stopped by a stop signal" in output
-    checkpoint = stopped_checkpoint(run_dir)
+    checkpoint = stop_mid_run(job, "USR1", run_dir)
 
     subprocess.run(["scontrol", "requeue", job.id], check=True, timeout=30)
     # Slurm holds a requeued job back for a while (Reason=BeginTime): release it now.
