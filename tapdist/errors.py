@@ -33,6 +33,14 @@ class PeerFailed(RuntimeError):
         )
 
 
+class Reported(RuntimeError):
+    """This rank's error, already reported on stderr; the process ends with ``code``."""
+
+    def __init__(self, code: int):
+        self.code = code
+        super().__init__(f"reported above (exit code {code})")
+
+
 #: Errors caused by the config, the data, the launch environment or the cluster, not by a bug.
 USER_ERRORS = (
     ConfigError,
@@ -50,7 +58,7 @@ _KINDS = {ConfigError: "config error", DataError: "data error", LaunchError: "la
 
 def exit_code(err: BaseException) -> int:
     """2 for bad input, 1 for a failed run or a bug (see the module docstring)."""
-    if isinstance(err, PeerFailed):
+    if isinstance(err, (PeerFailed, Reported)):
         return err.code
     if isinstance(err, LaunchError):  # before DistError: a device problem is both
         return 2

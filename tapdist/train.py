@@ -19,7 +19,7 @@ from tapdist.config import Config, ConfigError, dump_config
 from tapdist.dist import DistContext, DistError, init_context
 from tapdist.dist.faults import inject_fault
 from tapdist.dist.launch import restart_count
-from tapdist.errors import PeerFailed, exit_code, report
+from tapdist.errors import PeerFailed, Reported, exit_code, report
 from tapdist.fl.checkpoints import Checkpoint, Checkpointer
 from tapdist.fl.loop import RoundLoop
 from tapdist.fl.topology import Topology
@@ -44,7 +44,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> None:
             raise
         # The other ranks would wait for this one until their collectives time out, and a
         # process group torn down mid-collective may abort on exit: report, then end the job.
-        report(err, ctx.rank)
+        if not isinstance(err, Reported):
+            report(err, ctx.rank)
         ctx.abort(exit_code(err))
     ctx.close()
 
@@ -145,9 +146,14 @@ def _on_every_rank(ctx: DistContext, prepare: Callable[[], T]) -> T:
     try:
         prepared = prepare()
     except Exception as err:
-        with contextlib.suppress(DistError):  # the others are gone already: report this one
+        if not ctx.is_distributed:
+            raise
+        # Report first: once the others know, the first of them to exit makes the launcher
+        # (mpiexec, torchrun, srun) end this process too, message or not.
+        report(err, ctx.rank)
+        with contextlib.suppress(DistError):  # the others are gone already
             _agree_to_start(ctx, exit_code(err))
-        raise
+        raise Reported(exit_code(err)) from err
     _agree_to_start(ctx, 0)
     return prepared
 
