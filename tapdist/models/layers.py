@@ -5,12 +5,17 @@ q/k/v/o projections, FFN linears). Every expert and attention block built from t
 the *same* LayerBase, not a copy, and owns only its LoRA factors. The bases are kept out of the
 module tree on purpose (the backbone registers them once), so they are never counted, moved or
 saved twice.
+
+Because every path through one gated layer runs on the same base, the paths run *together*:
+activations carry a leading path axis ``(P, batch, length, hidden)``, each frozen projection is
+one matmul over all of them, and the paths' own LoRA factors are stacked into two batched
+matmuls (:func:`stacked_lora`). The number of operators per layer does not grow with the paths.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -57,10 +62,28 @@ class LoRA(nn.Module):
         return (self.dropout(x) @ self.lora_A.T @ self.lora_B.T) * self.scale
 
 
-def adapted(base: nn.Linear, lora: LoRA | None, x: torch.Tensor) -> torch.Tensor:
-    """``W x + B A x``: the frozen projection once, plus the low-rank update."""
+def stacked_lora(loras: Sequence[LoRA], x: torch.Tensor) -> torch.Tensor:
+    """``loras[p](x[p])`` for every path p of ``x`` (P, ..., d_in), as two batched matmuls.
+
+    The LoRAs share rank, alpha and dropout (one spec per kind of site). A LoRA that several
+    paths use is stacked once per path; its gradient sums over them, as if run path by path.
+    """
+    first = loras[0]
+    flat = first.dropout(x).reshape(x.shape[0], -1, x.shape[-1])
+    if all(lora is first for lora in loras):  # one LoRA for every path: broadcast, no stacking
+        out = flat @ first.lora_A.T @ first.lora_B.T
+    else:
+        a = torch.stack([lora.lora_A for lora in loras]).transpose(1, 2)
+        b = torch.stack([lora.lora_B for lora in loras]).transpose(1, 2)
+        out = torch.bmm(torch.bmm(flat, a), b)
+    return (out * first.scale).view(*x.shape[:-1], out.shape[-1])
+
+
+def stacked_adapted(base: nn.Linear, loras: Sequence[LoRA | None], x: torch.Tensor):
+    """``W x[p] + B_p A_p x[p]`` for every path p of ``x``: the frozen projection once for all
+    paths, plus each path's low-rank update."""
     out = base(x)
-    return out if lora is None else out + lora(x)
+    return out if loras[0] is None else out + stacked_lora(loras, x)
 
 
 @dataclass(frozen=True)
@@ -86,13 +109,17 @@ class Expert(nn.Module):
     def base(self) -> LayerBase:
         return self._base[0]
 
-    def forward(self, x: torch.Tensor, frozen_fc1: torch.Tensor | None = None) -> torch.Tensor:
-        """The FFN of ``x``. Experts on one base and one input share the frozen ``fc1(x)``:
-        pass it as ``frozen_fc1`` to compute it once."""
-        pre = self.base.fc1(x) if frozen_fc1 is None else frozen_fc1
-        if self.fc1 is not None:
-            pre = pre + self.fc1(x)
-        return adapted(self.base.fc2, self.fc2, self.base.act(pre))
+
+def expert_ffn(
+    experts: Sequence[Expert], x: torch.Tensor, frozen_fc1: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The FFN of ``experts[p]`` on ``x[p]`` for every path p; the experts share one base.
+    ``frozen_fc1``, when given, is the base's ``fc1(x)``, computed once for several readers."""
+    base = experts[0].base
+    pre = base.fc1(x) if frozen_fc1 is None else frozen_fc1
+    if experts[0].fc1 is not None:
+        pre = pre + stacked_lora([e.fc1 for e in experts], x)
+    return stacked_adapted(base.fc2, [e.fc2 for e in experts], base.act(pre))
 
 
 #: A batch's domains as runs of consecutive samples: ((domain index, samples), ...).
@@ -106,32 +133,38 @@ def domain_runs(domain: torch.Tensor) -> Runs:
 
 
 class DomainResidual(nn.Module):
-    """MoDE: ``x + F_d(x)`` with ``F_d`` the expert of each sample's own domain."""
+    """MoDE: ``x + F_d(x)`` with ``F_d`` the expert of each sample's own domain (one expert per
+    domain; :func:`domain_residual` runs them)."""
 
     def __init__(self, base: LayerBase, domains: list[str], lora: LoraSpec):
         super().__init__()
         self.domains = list(domains)
         self.experts = nn.ModuleDict({d: Expert(base, lora) for d in self.domains})
 
-    def forward(
-        self, x: torch.Tensor, runs: Runs, frozen_fc1: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Each run of samples through its domain's expert: slices of the batch, so routing
-        needs no device-to-host synchronisation."""
-        if len(runs) == 1:  # the usual case: micro-batches are grouped by domain
-            return x + self.experts[self.domains[runs[0][0]]](x, frozen_fc1)
-        parts, start = [], 0
-        for index, count in runs:
-            rows = slice(start, start + count)
-            pre = None if frozen_fc1 is None else frozen_fc1[rows]
-            parts.append(self.experts[self.domains[index]](x[rows], pre))
-            start += count
-        return x + torch.cat(parts)
+
+def domain_residual(
+    modes: Sequence[DomainResidual], x: torch.Tensor, runs: Runs, frozen_fc1: torch.Tensor
+) -> torch.Tensor:
+    """``x + F_d(x)`` of ``modes[p]`` on ``x[p]`` (P, batch, ...): each run of samples through
+    its domain's experts. Runs are slices of the batch, so routing needs no device-to-host
+    synchronisation."""
+
+    def experts(index: int) -> list[Expert]:
+        return [m.experts[m.domains[index]] for m in modes]
+
+    if len(runs) == 1:  # the usual case: micro-batches are grouped by domain
+        return x + expert_ffn(experts(runs[0][0]), x, frozen_fc1)
+    parts, start = [], 0
+    for index, count in runs:
+        rows = slice(start, start + count)
+        parts.append(expert_ffn(experts(index), x[:, rows], frozen_fc1[:, rows]))
+        start += count
+    return x + torch.cat(parts, dim=1)
 
 
 class GatedLayer(nn.Module):
     """One pre-LN layer of a MoTE/MoME block: attention with MoDE on the q and v inputs and
-    LoRA on q and v; the FFN is the expert the path chooses, passed in at call time."""
+    LoRA on q and v; the FFN is the expert the path chooses (:func:`feed_forward`)."""
 
     def __init__(self, base: LayerBase, domains: list[str], attn: LoraSpec, mode: LoraSpec):
         super().__init__()
@@ -146,34 +179,38 @@ class GatedLayer(nn.Module):
     def base(self) -> LayerBase:
         return self._base[0]
 
-    def forward(
-        self, x: torch.Tensor, key_mask: torch.Tensor | None, runs: Runs, expert: Expert
-    ) -> torch.Tensor:
-        return self.feed_forward(self.attend(x, key_mask, runs), [expert])[0]
 
-    def attend(self, x: torch.Tensor, key_mask: torch.Tensor | None, runs: Runs) -> torch.Tensor:
-        """The attention half: ``x + o(attention(q, k, v))`` with MoDE before q and v."""
-        b = self.base
-        a = b.ln1(x)
-        frozen_fc1 = b.fc1(a)  # both MoDE experts read the same input through the same base
-        q = adapted(b.q, self.lora_q, self.mode_q(a, runs, frozen_fc1))
-        v = adapted(b.v, self.lora_v, self.mode_v(a, runs, frozen_fc1))
-        return x + b.o(_attention(q, b.k(a), v, key_mask, b.heads))
+def attend(
+    layers: Sequence[GatedLayer], x: torch.Tensor, key_mask: torch.Tensor | None, runs: Runs
+) -> torch.Tensor:
+    """The attention half of ``layers[p]`` on ``x[p]`` for every path p, all on one base:
+    ``x + o(attention(q, k, v))`` with MoDE before q and v."""
+    b = layers[0].base
+    a = b.ln1(x)
+    frozen_fc1 = b.fc1(a)  # both MoDE stages read the same input through the same base
+    q_in = domain_residual([layer.mode_q for layer in layers], a, runs, frozen_fc1)
+    v_in = domain_residual([layer.mode_v for layer in layers], a, runs, frozen_fc1)
+    q = stacked_adapted(b.q, [layer.lora_q for layer in layers], q_in)
+    v = stacked_adapted(b.v, [layer.lora_v for layer in layers], v_in)
+    return x + b.o(_attention(q, b.k(a), v, key_mask, b.heads))
 
-    def feed_forward(self, x: torch.Tensor, experts: list[Expert]) -> list[torch.Tensor]:
-        """The FFN half for each of ``experts`` on the same ``x`` (paths that share the
-        attention), computing the frozen part of their first linear once."""
-        h = self.base.ln2(x)
-        frozen_fc1 = self.base.fc1(h) if len(experts) > 1 else None
-        return [x + expert(h, frozen_fc1) for expert in experts]
+
+def feed_forward(experts: Sequence[Expert], x: torch.Tensor) -> torch.Tensor:
+    """The FFN half: ``x[p] + experts[p](ln2(x[p]))`` for every path p."""
+    return x + expert_ffn(experts, experts[0].base.ln2(x))
 
 
 def _attention(q, k, v, key_mask, heads: int) -> torch.Tensor:
-    bsz, length, dim = q.shape
+    """Multi-head attention of (P, batch, length, hidden) inputs; ``key_mask`` (batch, length)
+    is shared by the paths."""
+    paths, bsz, length, dim = q.shape
 
     def split(t):
-        return t.view(bsz, -1, heads, dim // heads).transpose(1, 2)
+        return t.view(paths * bsz, length, heads, dim // heads).transpose(1, 2)
 
-    mask = None if key_mask is None else key_mask[:, None, None, :].bool()
+    mask = None
+    if key_mask is not None:
+        mask = key_mask.bool()[None, :, None, None, :].expand(paths, -1, -1, -1, -1)
+        mask = mask.reshape(paths * bsz, 1, 1, length)
     out = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=mask)
-    return out.transpose(1, 2).reshape(bsz, length, dim)
+    return out.transpose(1, 2).reshape(paths, bsz, length, dim)

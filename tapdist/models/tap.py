@@ -23,7 +23,15 @@ from tapdist.models.heads import (
     ImageGenerationHead,
     TextGenerationHead,
 )
-from tapdist.models.layers import Expert, GatedLayer, LoraSpec, Runs, domain_runs
+from tapdist.models.layers import (
+    Expert,
+    GatedLayer,
+    LoraSpec,
+    Runs,
+    attend,
+    domain_runs,
+    feed_forward,
+)
 
 MODALITIES = ("image", "text")
 TASK_KINDS = ("image_cls", "text_cls", "image_gen", "text_gen")
@@ -96,25 +104,14 @@ def routes(kind: str, modality: str, paths: Iterable[str] = PATHS) -> list[Route
 
 
 class Block(nn.Module):
-    """A MoTE or MoME block: ``layers_per_block`` gated layers; experts chosen per path."""
+    """A MoTE or MoME block: ``layers_per_block`` gated layers; each path through it brings its
+    own experts (:meth:`TapModel.forward` runs every path of a task through them together)."""
 
     def __init__(self, bases, domains, settings: TapSettings):
         super().__init__()
         self.layers = nn.ModuleList(
             GatedLayer(b, domains, settings.attention_lora, settings.mode_lora) for b in bases
         )
-
-    def forward(self, x, mask, runs: Runs, experts: list[Expert]) -> torch.Tensor:
-        return self.fan_out(x, mask, runs, [experts])[0]
-
-    def fan_out(self, x, mask, runs: Runs, paths: list[list[Expert]]) -> list[torch.Tensor]:
-        """The block on one input for several paths (one expert list each): the first layer's
-        attention runs once, then each path goes on with its own experts."""
-        first, *rest = self.layers
-        outs = first.feed_forward(first.attend(x, mask, runs), [e[0] for e in paths])
-        for i, layer in enumerate(rest, 1):
-            outs = [layer(h, mask, runs, e[i]) for h, e in zip(outs, paths)]
-        return outs
 
 
 class ImageEncoder(nn.Module):
@@ -226,29 +223,37 @@ class TapModel(nn.Module):
         pooled = []
         for m in spec.modalities:
             tokens, mask = self.encoders[m](batch)
-            inputs = {False: tokens}
-            if any(r.shared_input for r in routes(spec.kind, m, self.settings.paths)):
-                inputs[True] = self.shared_proj(tokens)
-            for r, x in zip(*self._mote(spec.kind, m, inputs, mask, runs)):
-                experts = _experts(self.mome_experts, r.mome_expert)
-                x = self.mome_blocks[r.mome_block](x, mask, runs, experts)
-                pooled.append(_masked_mean(x, mask))
-        paths = torch.stack(pooled, dim=1)
+            x = self._gated(routes(spec.kind, m, self.settings.paths), tokens, mask, runs)
+            pooled.append(_masked_mean(x, mask))
+        paths = torch.cat(pooled).transpose(0, 1)
         return self.heads[task](paths.mean(dim=1), paths), paths
 
-    def _mote(self, kind, modality, inputs, mask, runs: Runs) -> tuple[list[Route], list]:
-        """The MoTE stage of every path of (kind, modality), in path order. Paths that run the
-        same block on the same input (mod-task and mod-shared) share its first attention."""
-        groups: dict[tuple[bool, str], list[Route]] = {}
-        for r in routes(kind, modality, self.settings.paths):
-            groups.setdefault((r.shared_input, r.mote_block), []).append(r)
-        done = {}
-        for (shared, block), group in groups.items():
-            experts = [_experts(self.mote_experts, r.mote_expert) for r in group]
-            outs = self.mote_blocks[block].fan_out(inputs[shared], mask, runs, experts)
-            done.update({r.path: out for r, out in zip(group, outs)})
-        ordered = routes(kind, modality, self.settings.paths)
-        return ordered, [done[r.path] for r in ordered]
+    def _gated(self, paths: list[Route], tokens, mask, runs: Runs) -> torch.Tensor:
+        """Every path of one modality through MoTE and MoME, together: (paths, B, L, hidden).
+
+        The first MoTE layer's attention runs once per distinct (input, block) pair: paths that
+        share one (mod-task and mod-shared) part only at its FFN, where their experts differ.
+        """
+        starts = list(dict.fromkeys((r.shared_input, r.mote_block) for r in paths))
+        inputs = {False: tokens}
+        if any(shared for shared, _ in starts):
+            inputs[True] = self.shared_proj(tokens)
+        x = torch.stack([inputs[shared] for shared, _ in starts])
+        fan = [starts.index((r.shared_input, r.mote_block)) for r in paths]
+        stages = (
+            (self.mote_blocks, self.mote_experts, [(r.mote_block, r.mote_expert) for r in paths]),
+            (self.mome_blocks, self.mome_experts, [(r.mome_block, r.mome_expert) for r in paths]),
+        )
+        first = [name for _, name in starts]  # the first attention: once per start
+        for blocks, experts, chosen in stages:
+            for layer in range(self.settings.layers_per_block):
+                names = first or [name for name, _ in chosen]
+                x = attend([blocks[name].layers[layer] for name in names], x, mask, runs)
+                if len(names) < len(paths):
+                    x = x[fan]  # the paths that share a start part here
+                first = None
+                x = feed_forward([experts[layer][a][b] for _, (a, b) in chosen], x)
+        return x
 
     def loss(self, task: str, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         out, _ = self(task, batch)
@@ -323,15 +328,12 @@ def _expert_grid(bases, keys: set[tuple[str, str]], lora: LoraSpec) -> nn.Module
     return grid
 
 
-def _experts(grid: nn.ModuleList, key: tuple[str, str]) -> list[Expert]:
-    return [level[key[0]][key[1]] for level in grid]
-
-
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over the tokens (dim -2) of ``x`` (..., B, L, hidden) where ``mask`` (B, L) is set."""
     if mask is None:
-        return x.mean(dim=1)
+        return x.mean(dim=-2)
     weights = mask.to(x.dtype).unsqueeze(-1)
-    return (x * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+    return (x * weights).sum(dim=-2) / weights.sum(dim=-2).clamp_min(1.0)
 
 
 def _check_names(names: list[str], known: list[str]) -> None:
