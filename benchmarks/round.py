@@ -28,6 +28,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import (
@@ -108,6 +109,7 @@ def measure(federation, cfg, client: int, amp: str, device: torch.device, args) 
     train_ms /= 2 * micro_batches
 
     flops = micro_batch_flops(federation, client, start, device)
+    ops = count_operators(federation, client, start, device)
     bare_ms, syncs = bare_loop(federation, client, start, device, args.bare)
     profiled = profile(federation, client, start, device) if args.profile else None
     peak = _peak(device, "bf16" if federation.trainer.autocast else "fp32")
@@ -126,6 +128,7 @@ def measure(federation, cfg, client: int, amp: str, device: torch.device, args) 
         "bare_micro_batch_ms": bare_ms,
         "samples_per_s": samples / round_s,
         "tflop_per_micro_batch": flops / 1e12,
+        "operators_per_micro_batch": ops,
         "tflops": flops / (train_ms / 1e3) / 1e12,
         "mfu": None if peak is None else flops / (train_ms / 1e3) / peak,
         "bare_mfu": None if peak is None else flops / (bare_ms / 1e3) / peak,
@@ -148,6 +151,31 @@ def micro_batch_flops(federation, client: int, state, device: torch.device) -> f
         loss.backward()
     federation.model.zero_grad(set_to_none=True)
     return float(counter.get_total_flops())
+
+
+class _OperatorCount(TorchDispatchMode):
+    """Counts the aten operators dispatched, and how many of them are views (no kernel)."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = self.views = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.total += 1
+        self.views += func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+def count_operators(federation, client: int, state, device: torch.device) -> dict:
+    """aten operators of one forward + backward micro-batch: what the host dispatches (each
+    non-view one launches at least one kernel on a GPU). The count depends on the model's
+    structure, not its widths or the device."""
+    ready, step = _ready_steps(federation, client, state, device, 1)
+    counter = _OperatorCount()
+    with counter:
+        step(ready[0])
+    federation.model.zero_grad(set_to_none=True)
+    return {"total": counter.total, "views": counter.views}
 
 
 def bare_loop(federation, client: int, state, device: torch.device, count: int):
@@ -231,17 +259,19 @@ def _ready_steps(federation, client: int, state, device: torch.device, count: in
 def table(results: list[dict]) -> str:
     head = (
         "| config | client | amp | micro-batches | round s | phases g/r/p s | micro-batch ms "
-        "| bare ms | samples/s | GFLOP/mb | TFLOP/s | MFU | bare MFU | syncs/mb | peak GB |"
+        "| bare ms | samples/s | GFLOP/mb | ops/mb (views) | TFLOP/s | MFU | bare MFU | syncs/mb "
+        "| peak GB |"
     )
     rows = [head, _rule(head)]
     for r in results:
-        p = r["phases_s"]
+        p, ops = r["phases_s"], r["operators_per_micro_batch"]
         rows.append(
             f"| {Path(r['config']).stem} | {r['client']} ({'+'.join(r['tasks'])}) | {r['amp']} "
             f"| {r['micro_batches']}x{r['batch_size']} | {r['round_s']:.2f} "
             f"| {p['global_s']:.2f}/{p['replace_s']:.2f}/{p['personal_s']:.2f} "
             f"| {r['micro_batch_ms']:.1f} | {r['bare_micro_batch_ms']:.1f} "
             f"| {r['samples_per_s']:.0f} | {1e3 * r['tflop_per_micro_batch']:.1f} "
+            f"| {ops['total']} ({ops['views']}) "
             f"| {r['tflops']:.2f} "
             f"| {_pct(r['mfu'])} | {_pct(r['bare_mfu'])} "
             f"| {_or_dash(r['host_syncs_per_micro_batch'])} "
