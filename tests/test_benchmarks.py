@@ -202,6 +202,8 @@ def test_round_times_a_tap_client_round_and_counts_its_flops(tmp_path):
     assert row["micro_batch_ms"] > 0 and row["bare_micro_batch_ms"] > 0
     assert row["tflop_per_micro_batch"] > 0 and row["mfu"] is None  # no peak known for a CPU
     assert row["profile"]["aten_ops"] > 100
+    ops = row["operators_per_micro_batch"]
+    assert 0 < ops["views"] < ops["total"]
 
 
 def test_helpers():

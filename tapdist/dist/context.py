@@ -172,6 +172,10 @@ class SingleProcessContext(DistContext):
         pass
 
 
+#: how long :meth:`TorchContext.close` releases the interpreter to the process group's threads
+_THREADS_SETTLE_S = 0.05
+
+
 class TorchContext(DistContext):
     """torch.distributed with the NCCL or gloo backend, on the default (world) group."""
 
@@ -235,6 +239,13 @@ class TorchContext(DistContext):
 
         if dist.is_initialized():
             dist.destroy_process_group()
+            # A gloo worker thread frees each finished work, and with it the tensors the work
+            # holds, which needs the interpreter lock. Once torch._dynamo is imported (peft
+            # does) the threads outlive destroy_process_group, so that free can still be
+            # pending here; were the interpreter shutting down by then, the thread would abort
+            # the process ("terminate called without an active exception"). Release the lock
+            # briefly so that it happens now.
+            time.sleep(_THREADS_SETTLE_S)
 
     def _run(self, what: str, op: Any) -> None:
         # Asynchronous launch plus a bounded wait: an NCCL collective would otherwise block in
