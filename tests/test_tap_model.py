@@ -274,3 +274,27 @@ def test_operators_do_not_grow_with_the_paths(backbone):
 
     one, four = operators(["mod_task"]), operators(list(PATHS))
     assert one < four < 2 * one, (one, four)  # path by path: 2.8x (hf), 3.8x (vilt)
+
+
+def test_flava_towers_equal_the_transformers_forward():
+    """FLAVA's encoders run through tapdist's layer code with fused attention; their output must
+    be what transformers computes from the same weights, LoRA and padding mask."""
+    from tapdist.models.backbone import _hidden, load_backbone
+    from tapdist.models.layers import LoraSpec
+
+    torch.manual_seed(0)
+    backbone = load_backbone("flava", "tiny", encoder_lora=LoraSpec(4, 8, 0.0))
+    image, text = backbone.image_encoder.eval(), backbone.text_encoder.eval()
+    for name, param in [*image.named_parameters(), *text.named_parameters()]:
+        if "lora_B" in name:  # LoRA starts at zero: make it count
+            torch.nn.init.normal_(param, std=0.3)
+    pixels = torch.randn(3, 3, 32, 32)
+    ids = torch.randint(0, 1000, (3, 12))
+    mask = torch.ones(3, 12, dtype=torch.long)
+    mask[1, 7:], mask[2, 3:] = 0, 0
+    with torch.no_grad():
+        expected = _hidden(image.tower(pixel_values=pixels))
+        torch.testing.assert_close(image(pixels), expected, rtol=1e-5, atol=1e-5)
+        expected = _hidden(text.tower(input_ids=ids, attention_mask=mask))
+        real = mask.bool()  # padded positions are never read downstream
+        torch.testing.assert_close(text(ids, mask)[real], expected[real], rtol=1e-5, atol=1e-5)

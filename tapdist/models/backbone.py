@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tapdist.models.layers import LayerBase, LoraSpec
+from tapdist.models.layers import LayerBase, LoraSpec, tower_layer
 
 BACKBONES = ("flava", "vilt", "hf")
 SIZES = ("tiny", "full")
@@ -107,8 +107,8 @@ def _flava(size: str, pretrained: str, lora: LoraSpec | None, sizes: dict) -> Ba
     layers = model.multimodal_model.encoder.layer
     return Backbone(
         "flava",
-        _TowerImage(image),
-        _TowerText(text),
+        _FlavaImage(image, cfg.image_config),
+        _FlavaText(text, cfg.text_config),
         layers,
         [_hf_layer_base(layer, cfg.multimodal_config) for layer in layers],
         cfg.image_config.hidden_size,
@@ -277,6 +277,34 @@ class _TowerText(nn.Module):
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return _hidden(self.tower(input_ids=ids, attention_mask=mask))
+
+
+class _FlavaTower(nn.Module):
+    """A FLAVA image or text encoder: its embeddings, weights and LoRA, run layer by layer by
+    :func:`~tapdist.models.layers.tower_layer` with fused attention (transformers runs FLAVA's
+    attention eagerly: scores, mask, softmax and weights as separate kernels)."""
+
+    def __init__(self, tower: nn.Module, cfg):
+        super().__init__()
+        self.tower = tower
+        self._bases = tuple(_hf_layer_base(layer, cfg) for layer in tower.encoder.layer)
+        self.dropout = (cfg.hidden_dropout_prob, cfg.attention_probs_dropout_prob)
+
+    def encode(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        dropout, attn_dropout = self.dropout if self.training else (0.0, 0.0)
+        for base in self._bases:
+            x = tower_layer(base, x, mask, dropout, attn_dropout)
+        return self.tower.layernorm(x)
+
+
+class _FlavaImage(_FlavaTower):
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.encode(self.tower.embeddings(pixels), None)
+
+
+class _FlavaText(_FlavaTower):
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.encode(self.tower.embeddings(input_ids=ids), mask)
 
 
 def _hidden(output) -> torch.Tensor:

@@ -200,9 +200,30 @@ def feed_forward(experts: Sequence[Expert], x: torch.Tensor) -> torch.Tensor:
     return x + expert_ffn(experts, experts[0].base.ln2(x))
 
 
-def _attention(q, k, v, key_mask, heads: int) -> torch.Tensor:
+def tower_layer(
+    b: LayerBase,
+    x: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    dropout: float,
+    attn_dropout: float,
+) -> torch.Tensor:
+    """One frozen pre-LN layer of a backbone tower on ``x`` (batch, length, hidden), with fused
+    attention; LoRA, where the tower has it, sits inside its q and v modules. ``dropout`` is
+    the layer's hidden dropout and ``attn_dropout`` that of the attention weights (training
+    only)."""
+    a = b.ln1(x)
+    out = b.o(_attention(b.q(a)[None], b.k(a)[None], b.v(a)[None], key_mask, b.heads, attn_dropout))
+    x = x + _dropout(out[0], dropout)
+    return x + _dropout(b.fc2(b.act(b.fc1(b.ln2(x)))), dropout)
+
+
+def _dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    return F.dropout(x, p) if p > 0 else x
+
+
+def _attention(q, k, v, key_mask, heads: int, dropout: float = 0.0) -> torch.Tensor:
     """Multi-head attention of (P, batch, length, hidden) inputs; ``key_mask`` (batch, length)
-    is shared by the paths."""
+    is shared by the paths. ``dropout`` applies to the attention weights."""
     paths, bsz, length, dim = q.shape
 
     def split(t):
@@ -212,5 +233,7 @@ def _attention(q, k, v, key_mask, heads: int) -> torch.Tensor:
     if key_mask is not None:
         mask = key_mask.bool()[None, :, None, None, :].expand(paths, -1, -1, -1, -1)
         mask = mask.reshape(paths * bsz, 1, 1, length)
-    out = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=mask)
+    out = F.scaled_dot_product_attention(
+        split(q), split(k), split(v), attn_mask=mask, dropout_p=dropout
+    )
     return out.transpose(1, 2).reshape(paths, bsz, length, dim)
