@@ -218,8 +218,10 @@ def test_a_requeued_job_resumes_by_itself(submit, single, tmp_path):
     checkpoint = stop_mid_run(job, "USR1", run_dir)
 
     subprocess.run(["scontrol", "requeue", job.id], check=True, timeout=30)
-    # Slurm holds a requeued job back for a while (Reason=BeginTime): release it now.
-    release = ["scontrol", "update", f"JobId={job.id}", "StartTime=now"]
+    # Slurm holds a requeued job back for a while (Reason=BeginTime): release it in 3 s. Not at
+    # once: a run whose job credential dates from the second the last run ended in is refused
+    # as revoked (slurmctld.log: "Killing non-startable batch job: Job credential revoked").
+    release = ["scontrol", "update", f"JobId={job.id}", "StartTime=now+3"]
     subprocess.run(release, check=True, timeout=30)
     output = job.assert_completed(job.wait(restarts=1))
     assert "(restart 1)" in output and f"resuming from {checkpoint}" in output
