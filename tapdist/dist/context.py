@@ -174,6 +174,8 @@ class SingleProcessContext(DistContext):
 
 #: how long :meth:`TorchContext.close` releases the interpreter to the process group's threads
 _THREADS_SETTLE_S = 0.05
+#: how long :meth:`MpiContext.abort` leaves mpiexec to forward what this rank printed
+_OUTPUT_SETTLE_S = 1.0
 
 
 class TorchContext(DistContext):
@@ -344,6 +346,9 @@ class MpiContext(DistContext):
         sys.stderr.flush()
         if self.arrivals is not None:
             self.arrivals.linger()
+        # mpiexec forwards each rank's output on its own time and drops what it has not
+        # forwarded yet when Abort ends the job: give it a moment to pass this rank's message on.
+        time.sleep(_OUTPUT_SETTLE_S)
         self._comm.Abort(code)
 
 
