@@ -292,6 +292,7 @@ class _FlavaTower(nn.Module):
 
     def encode(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         dropout, attn_dropout = self.dropout if self.training else (0.0, 0.0)
+        mask = None if mask is None else mask.bool()  # once, not in every layer
         for base in self._bases:
             x = tower_layer(base, x, mask, dropout, attn_dropout)
         return self.tower.layernorm(x)

@@ -249,8 +249,8 @@ class TapModel(nn.Module):
             for layer in range(self.settings.layers_per_block):
                 names = first or [name for name, _ in chosen]
                 x = attend([blocks[name].layers[layer] for name in names], x, mask, runs)
-                if len(names) < len(paths):
-                    x = x[fan]  # the paths that share a start part here
+                if len(names) < len(paths):  # the paths that share a start part here
+                    x = torch.stack([x[start] for start in fan])  # no index tensor to upload
                 first = None
                 x = feed_forward([experts[layer][a][b] for _, (a, b) in chosen], x)
         return x
