@@ -71,12 +71,16 @@ def main(argv: list[str] | None = None) -> int:
         federation = TapFederation(cfg, device)
         build_s = _since(started, device)
         for amp in args.amp:
-            print(f"== {config}: client {args.client}, amp {amp}, {device}", flush=True)
-            result = measure(federation, cfg, args.client, amp, device, args)
-            results.append({"config": str(config), "build_s": build_s, **result})
-            print(json.dumps(results[-1], indent=1), flush=True)
-            # after every case: a run cut short keeps what it measured
-            write_json(args.json, {"hardware": hardware(), "results": results})
+            for graphs in args.graphs:
+                print(
+                    f"== {config}: client {args.client}, amp {amp}, {device}, cuda graphs {graphs}",
+                    flush=True,
+                )
+                result = measure(federation, cfg, args.client, amp, graphs, device, args)
+                results.append({"config": str(config), "build_s": build_s, **result})
+                print(json.dumps(results[-1], indent=1), flush=True)
+                # after every case: a run cut short keeps what it measured
+                write_json(args.json, {"hardware": hardware(), "results": results})
     print()
     print(f"{describe(hardware())}\n")
     print(table(results))
@@ -84,10 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def measure(federation, cfg, client: int, amp: str, device: torch.device, args) -> dict:
-    """Time ``args.repeats`` TAP client-rounds of ``client`` after ``args.warmup`` untimed ones,
-    the bare loop, and one micro-batch's FLOPs."""
-    train = dataclasses.replace(cfg.train, amp=amp)
+def measure(
+    federation, cfg, client: int, amp: str, graphs: str, device: torch.device, args
+) -> dict:
+    """Time ``args.repeats`` TAP client-rounds of ``client`` after ``args.warmup`` untimed ones
+    (which capture the CUDA graphs, if any), the bare loop, and one micro-batch's FLOPs."""
+    train = dataclasses.replace(cfg.train, amp=amp, cuda_graphs=graphs)
     federation.trainer = LocalTrainer(federation.model, train, device)
     algorithm = ALGORITHMS.get("tap")(dataclasses.replace(cfg, train=train), federation)
     tasks = list(federation.specs[client].tasks)
@@ -110,7 +116,8 @@ def measure(federation, cfg, client: int, amp: str, device: torch.device, args) 
 
     flops = micro_batch_flops(federation, client, start, device)
     ops = count_operators(federation, client, start, device)
-    bare_ms, syncs = bare_loop(federation, client, start, device, args.bare)
+    bare_ms, syncs, sync_sites = bare_loop(federation, client, start, device, args.bare)
+    captured = federation.trainer.graphs
     profiled = profile(federation, client, start, device) if args.profile else None
     peak = _peak(device, "bf16" if federation.trainer.autocast else "fp32")
     samples = 2 * micro_batches * train.batch_size
@@ -119,6 +126,8 @@ def measure(federation, cfg, client: int, amp: str, device: torch.device, args) 
         "tasks": tasks,
         "device": _device_name(device),
         "amp": "bf16" if federation.trainer.autocast else "fp32",
+        "cuda_graphs": None if captured is None else captured.captures,
+        "graph_replays": None if captured is None else captured.replays,
         "micro_batches": 2 * micro_batches,
         "batch_size": train.batch_size,
         "round_s": round_s,
@@ -133,6 +142,7 @@ def measure(federation, cfg, client: int, amp: str, device: torch.device, args) 
         "mfu": None if peak is None else flops / (train_ms / 1e3) / peak,
         "bare_mfu": None if peak is None else flops / (bare_ms / 1e3) / peak,
         "host_syncs_per_micro_batch": syncs,
+        "host_sync_sites": sync_sites,
         "peak_memory_gb": _peak_memory(device) / 2**30,
         "profile": profiled,
         "trainable_params": sum(v.numel() for v in start.values()),
@@ -180,14 +190,15 @@ def count_operators(federation, client: int, state, device: torch.device) -> dic
 
 def bare_loop(federation, client: int, state, device: torch.device, count: int):
     """Milliseconds per micro-batch of forward + backward on ready micro-batches (no optimizer,
-    no plan), and on CUDA the host synchronisations one training micro-batch makes."""
+    no plan, no graphs), and on CUDA the host synchronisations one training micro-batch makes
+    and where (file:line of the Python code that made each)."""
     ready, step = _ready_steps(federation, client, state, device, count)
     step(ready[0])  # allocator and kernel caches warm
     began = time.perf_counter()
     for micro in ready:
         step(micro)
     ms = 1e3 * _since(began, device) / count
-    syncs = None
+    syncs = sites = None
     if device.type == "cuda":
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -196,9 +207,10 @@ def bare_loop(federation, client: int, state, device: torch.device, count: int):
                 step(ready[0])
             finally:
                 torch.cuda.set_sync_debug_mode(0)
-        syncs = sum("synchroniz" in str(w.message) for w in caught)
+        made = [w for w in caught if "synchroniz" in str(w.message)]
+        syncs, sites = len(made), [f"{_short(w.filename)}:{w.lineno}" for w in made]
     federation.model.zero_grad(set_to_none=True)
-    return ms, syncs
+    return ms, syncs, sites
 
 
 def profile(federation, client: int, state, device: torch.device, count: int = 4) -> dict:
@@ -258,15 +270,16 @@ def _ready_steps(federation, client: int, state, device: torch.device, count: in
 
 def table(results: list[dict]) -> str:
     head = (
-        "| config | client | amp | micro-batches | round s | phases g/r/p s | micro-batch ms "
-        "| bare ms | samples/s | GFLOP/mb | ops/mb (views) | TFLOP/s | MFU | bare MFU | syncs/mb "
-        "| peak GB |"
+        "| config | client | amp | graphs | micro-batches | round s | phases g/r/p s "
+        "| micro-batch ms | bare ms | samples/s | GFLOP/mb | ops/mb (views) | TFLOP/s | MFU "
+        "| bare MFU | syncs/mb | peak GB |"
     )
     rows = [head, _rule(head)]
     for r in results:
         p, ops = r["phases_s"], r["operators_per_micro_batch"]
         rows.append(
             f"| {Path(r['config']).stem} | {r['client']} ({'+'.join(r['tasks'])}) | {r['amp']} "
+            f"| {'-' if r.get('cuda_graphs') is None else r['cuda_graphs']} "
             f"| {r['micro_batches']}x{r['batch_size']} | {r['round_s']:.2f} "
             f"| {p['global_s']:.2f}/{p['replace_s']:.2f}/{p['personal_s']:.2f} "
             f"| {r['micro_batch_ms']:.1f} | {r['bare_micro_batch_ms']:.1f} "
@@ -285,6 +298,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", action="append", help="config file (repeatable; default: paper)")
     p.add_argument("--client", type=int, default=7, help="client index (default 7)")
     p.add_argument("--amp", nargs="+", default=["auto"], choices=("auto", "bf16", "off"))
+    p.add_argument(
+        "--graphs",
+        nargs="+",
+        default=["auto"],
+        choices=("auto", "off"),
+        help="train.cuda_graphs settings to compare (default auto: on CUDA)",
+    )
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--tiny", action="store_true", help="tiny backbone (CPU, tests)")
     p.add_argument("--steps", type=int, default=0, help="override local_steps (accumulation 1)")
@@ -331,6 +351,10 @@ def _device_name(device: torch.device) -> str:
     import platform
 
     return f"CPU {platform.processor() or platform.machine()}"
+
+
+def _short(filename: str) -> str:
+    return "/".join(Path(filename).parts[-3:])
 
 
 def _pct(x: float | None) -> str:

@@ -166,6 +166,12 @@ class TrainConfig:
         "mixed precision: auto = bf16 autocast on CUDA and none on CPU; bf16 forces it",
         choices=("auto", "bf16", "off"),
     )
+    cuda_graphs: str = option(
+        "auto",
+        "auto = on CUDA, capture each micro-batch shape's forward and backward as a CUDA graph "
+        "and replay it (same results, one launch); off = run every micro-batch eagerly",
+        choices=("auto", "off"),
+    )
     eval_batch_size: int = option(64, "samples per evaluation batch", min=1)
 
 

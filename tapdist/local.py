@@ -6,7 +6,9 @@ drawn up front from the round's generator as index tensors: every task contribut
 the batch (by data size), and each task's rows are ordered by domain so MoDE routes contiguous
 groups. The loss of a micro-batch is the sum over tasks of (share x task loss), plus optional
 extra terms (distillation, DisentAFL's orthogonality loss). AdamW with a fresh state every round,
-gradient-norm clipping, bf16 autocast on CUDA.
+gradient-norm clipping, bf16 autocast on CUDA. On CUDA a micro-batch whose routing is fixed is
+captured as a CUDA graph the first time its shapes appear and replayed after
+(:mod:`tapdist.graphs`): the same computation, one launch.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from tapdist.config import TrainConfig
+from tapdist.graphs import StepGraphs
 from tapdist.models.layers import Runs, domain_runs
 from tapdist.models.tap import TapModel
 
@@ -81,6 +84,8 @@ class LocalTrainer:
         self.model, self.cfg, self.device = model, cfg, torch.device(device)
         bf16 = cfg.amp == "bf16" or (cfg.amp == "auto" and self.device.type == "cuda")
         self.autocast = bf16
+        graphs = cfg.cuda_graphs == "auto" and self.device.type == "cuda"
+        self.graphs = StepGraphs(self.device) if graphs else None
         self._resident: tuple[Data, Data] | None = None  # (host data, its copy on the device)
 
     def train(
@@ -110,9 +115,7 @@ class LocalTrainer:
         for index in range(batches.length):
             if index % cfg.accumulation == 0:
                 optimizer.zero_grad(set_to_none=True)
-            loss, task_losses = self._micro_batch(data, batches, index, extra, joint)
-            (loss / cfg.accumulation).backward()
-            sums += task_losses
+            sums += self._train_step(data, batches, index, trained, extra, joint)
             last = index + 1 == batches.length
             if (index + 1) % cfg.accumulation == 0 or last:
                 if cfg.clip_norm > 0:
@@ -169,14 +172,58 @@ class LocalTrainer:
             self._resident = (data, moved)
         return self._resident[1], batches.to(self.device)
 
+    def _train_step(
+        self,
+        data: Data,
+        batches: Plan,
+        index: int,
+        trained: list[torch.nn.Parameter],
+        extra: Extra | None,
+        joint: Joint | None,
+    ) -> torch.Tensor:
+        """Forward and backward of micro-batch ``index`` (gradients added to ``.grad``): its
+        task losses. Replayed from a CUDA graph where its routing is fixed."""
+        micro = self._inputs(data, batches, index)
+        divisor = self.cfg.accumulation
+        key = _graph_key(batches, index, micro) if extra is None and joint is None else None
+        if self.graphs is not None and key is not None:
+
+            def forward(inputs):  # autocast's weight cache would outlive the capture
+                return self._forward(inputs, batches.shares, None, None, index, cache=False)
+
+            task_losses = self.graphs.step(key, micro, forward, trained, divisor)
+            if task_losses is not None:
+                return task_losses
+        loss, task_losses = self._forward(micro, batches.shares, extra, joint, index)
+        (loss / divisor).backward()
+        return task_losses
+
+    def _inputs(self, data: Data, batches: Plan, index: int) -> dict[str, dict]:
+        """Micro-batch ``index`` of every task, on the device."""
+        return {task: batches.batch(data, task, index, self.device) for task in batches.rows}
+
     def _micro_batch(
         self, data: Data, batches: Plan, index: int, extra: Extra | None, joint: Joint | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The micro-batch's loss and its (detached) task losses, in task order."""
+        micro = self._inputs(data, batches, index)
+        return self._forward(micro, batches.shares, extra, joint, index)
+
+    def _forward(
+        self,
+        micro: Mapping[str, dict],
+        shares: Mapping[str, float],
+        extra: Extra | None,
+        joint: Joint | None,
+        index: int,
+        cache: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss of prepared inputs ``micro`` (task -> batch) and the (detached) task
+        losses, in task order."""
         model, total, task_losses, paths = self.model, 0.0, [], {}
-        with self._precision():
-            for task, share in batches.shares.items():
-                batch = batches.batch(data, task, index, self.device)
+        with self._precision(cache):
+            for task, share in shares.items():
+                batch = micro[task]
                 out, paths[task] = model(task, batch)
                 loss = model.heads[task].loss(out, batch).float()
                 task_losses.append(loss.detach())
@@ -187,10 +234,26 @@ class LocalTrainer:
                 total = total + joint(paths)
         return total, torch.stack(task_losses)
 
-    def _precision(self):
+    def _precision(self, cache: bool = True):
         if not self.autocast:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=cache)
+
+
+def _graph_key(batches: Plan, index: int, micro: Mapping[str, dict]) -> tuple | None:
+    """What fixes the computation of micro-batch ``index``: each task's share, domain routing
+    and input shapes. None where a task's samples span several domains (routing that varies
+    from micro-batch to micro-batch is not worth a graph each)."""
+    key = []
+    for task, batch in micro.items():
+        runs = batches.runs[task][index]
+        if len(runs) != 1:
+            return None
+        shapes = tuple(
+            (k, tuple(v.shape), v.dtype) for k, v in batch.items() if isinstance(v, torch.Tensor)
+        )
+        key.append((task, batches.shares[task], runs, shapes))
+    return tuple(key)
 
 
 def warmup_lr(cfg: TrainConfig, round_index: int) -> float:
