@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         ("scaling", _scaling),
         ("clients", _clients),
         ("comm", _comm),
-        ("round-h200-bf16", _round),
+        ("round-h200", _round),
     ):
         source = args.results / f"{name}.json"
         if not source.exists():
@@ -105,24 +105,24 @@ def _comm(figure, data: dict, results: Path):
 
 
 def _round(figure, data: dict, results: Path):
-    cases = list(data["results"])
-    fp32 = results / "round-h200-fp32.json"
-    if fp32.exists():
-        cases += json.loads(fp32.read_text())["results"]
-    fig = figure(7, 3.6)
+    cases = data["results"]
+    fig = figure(8, 3.6)
     ax = fig.subplots()
     labels, train, bare = [], [], []
     for r in cases:
-        labels.append(f"{Path(r['config']).stem}\n{r['amp']}")
+        graphs = "CUDA graphs" if r.get("cuda_graphs") else "eager"
+        labels.append(f"{Path(r['config']).stem}\n{r['amp']}, {graphs}")
         train.append(r["micro_batch_ms"])
         bare.append(r["bare_micro_batch_ms"])
     x = range(len(cases))
     ax.bar([i - 0.2 for i in x], train, 0.4, label="training micro-batch")
-    ax.bar([i + 0.2 for i in x], bare, 0.4, label="bare forward + backward")
+    ax.bar([i + 0.2 for i in x], bare, 0.4, label="bare forward + backward (eager)")
     peak = next(p["bf16"] for key, p in PEAKS if key in cases[0]["device"])
-    floor = data["results"][0]["tflop_per_micro_batch"] * 1e12 / peak * 1e3
-    ax.axhline(floor, color="grey", linestyle=":", label=f"bf16 peak floor {floor:.1f} ms")
-    ax.set_xticks(list(x), labels)
+    for i, r in enumerate(cases):
+        floor = r["tflop_per_micro_batch"] * 1e12 / peak * 1e3
+        ax.plot([i - 0.4, i + 0.4], [floor] * 2, color="grey", linestyle=":")
+    ax.plot([], [], color="grey", linestyle=":", label="bf16 peak floor")
+    ax.set_xticks(list(x), labels, fontsize=8)
     ax.set(
         ylabel="ms per micro-batch of 32", title=f"Client-round micro-batch, {cases[0]['device']}"
     )
