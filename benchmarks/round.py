@@ -216,6 +216,7 @@ def bare_loop(federation, client: int, state, device: torch.device, count: int):
 def profile(federation, client: int, state, device: torch.device, count: int = 4) -> dict:
     """Where a micro-batch's time goes: kernel launches, device-busy time against wall time,
     and the top operators (printed)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -234,7 +235,9 @@ def profile(federation, client: int, state, device: torch.device, count: int = 4
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(events.table(sort_by=sort, row_limit=20), flush=True)
     launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel"))
-    busy = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e3  # us -> ms
+    # each kernel's time shows twice, on its own row and in its operator's: count the operators
+    host_rows = [e for e in events if e.device_type == DeviceType.CPU]
+    busy = sum(e.self_device_time_total for e in host_rows) / 1e3  # us -> ms
     ops = sum(e.count for e in events if e.key.startswith("aten::"))
     federation.model.zero_grad(set_to_none=True)
     return {

@@ -66,8 +66,8 @@ class StepGraphs:
         divisor: int,
     ) -> torch.Tensor | None:
         """Run the micro-batch of ``inputs`` (task -> batch): its task losses, with the gradients
-        of ``loss / divisor`` added to ``params``' ``.grad``. None when this key cannot be
-        captured; the caller then runs it eagerly."""
+        of ``loss / divisor`` added to ``params``' ``.grad`` (no backward without ``params``).
+        None when this key cannot be captured; the caller then runs it eagerly."""
         key = (key, divisor)
         if key in self._eager:
             return None
@@ -96,6 +96,8 @@ class StepGraphs:
 
         def step():
             loss, task_losses = forward(static)
+            if not params:  # a forward only (scoring)
+                return task_losses, []
             grads = torch.autograd.grad(loss / divisor, params, allow_unused=True)
             return task_losses, [_laid_out_as(g, p) for g, p in zip(grads, params)]
 

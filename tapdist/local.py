@@ -86,6 +86,7 @@ class LocalTrainer:
         self.autocast = bf16
         graphs = cfg.cuda_graphs == "auto" and self.device.type == "cuda"
         self.graphs = StepGraphs(self.device) if graphs else None
+        self._streams: list[torch.cuda.Stream] = []  # the tasks' lanes in a captured step
         self._resident: tuple[Data, Data] | None = None  # (host data, its copy on the device)
 
     def train(
@@ -115,7 +116,7 @@ class LocalTrainer:
         for index in range(batches.length):
             if index % cfg.accumulation == 0:
                 optimizer.zero_grad(set_to_none=True)
-            sums += self._train_step(data, batches, index, trained, extra, joint)
+            sums += self._step(data, batches, index, trained, extra, joint)
             last = index + 1 == batches.length
             if (index + 1) % cfg.accumulation == 0 or last:
                 if cfg.clip_norm > 0:
@@ -134,7 +135,7 @@ class LocalTrainer:
         self.model.eval()
         sums = torch.zeros(len(batches.rows), device=self.device)
         for index in range(batches.length):
-            sums += self._micro_batch(data, batches, index, None, None)[1]
+            sums += self._step(data, batches, index, [])
         return dict(zip(batches.rows, (sums / batches.length).tolist()))
 
     @torch.no_grad()
@@ -172,31 +173,45 @@ class LocalTrainer:
             self._resident = (data, moved)
         return self._resident[1], batches.to(self.device)
 
-    def _train_step(
+    def _step(
         self,
         data: Data,
         batches: Plan,
         index: int,
         trained: list[torch.nn.Parameter],
-        extra: Extra | None,
-        joint: Joint | None,
+        extra: Extra | None = None,
+        joint: Joint | None = None,
     ) -> torch.Tensor:
-        """Forward and backward of micro-batch ``index`` (gradients added to ``.grad``): its
-        task losses. Replayed from a CUDA graph where its routing is fixed."""
+        """Micro-batch ``index``'s task losses; with ``trained`` parameters also its backward,
+        the gradients added to their ``.grad``. Replayed from a CUDA graph where its routing is
+        fixed (the tasks then run side by side, on a stream each)."""
         micro = self._inputs(data, batches, index)
         divisor = self.cfg.accumulation
-        key = _graph_key(batches, index, micro) if extra is None and joint is None else None
-        if self.graphs is not None and key is not None:
+        fixed = self.graphs is not None and extra is None and joint is None
+        key = _graph_key(batches, index, micro) if fixed else None
+        if key is not None:
+            lanes = self._lanes(len(micro))
 
             def forward(inputs):  # autocast's weight cache would outlive the capture
-                return self._forward(inputs, batches.shares, None, None, index, cache=False)
+                return self._forward(inputs, batches.shares, None, None, index, False, lanes)
 
+            key = (self.model.training, key)
             task_losses = self.graphs.step(key, micro, forward, trained, divisor)
             if task_losses is not None:
                 return task_losses
         loss, task_losses = self._forward(micro, batches.shares, extra, joint, index)
-        (loss / divisor).backward()
+        if trained:
+            (loss / divisor).backward()
         return task_losses
+
+    def _lanes(self, tasks: int) -> list[torch.cuda.Stream] | None:
+        """A CUDA stream per task of a micro-batch (none for one task): tasks are independent
+        until their losses meet, so their small kernels can share the device."""
+        if tasks < 2 or self.device.type != "cuda":
+            return None
+        while len(self._streams) < tasks:
+            self._streams.append(torch.cuda.Stream(self.device))
+        return self._streams[:tasks]
 
     def _inputs(self, data: Data, batches: Plan, index: int) -> dict[str, dict]:
         """Micro-batch ``index`` of every task, on the device."""
@@ -217,18 +232,28 @@ class LocalTrainer:
         joint: Joint | None,
         index: int,
         cache: bool = True,
+        lanes: list[torch.cuda.Stream] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The loss of prepared inputs ``micro`` (task -> batch) and the (detached) task
-        losses, in task order."""
-        model, total, task_losses, paths = self.model, 0.0, [], {}
+        losses, in task order. With ``lanes``, task i's forward runs on stream i (and so does
+        its backward: autograd runs each backward operator on its forward's stream)."""
+        model, outs, paths, losses = self.model, {}, {}, {}
+        main = torch.cuda.current_stream(self.device) if lanes else None
         with self._precision(cache):
+            for i, task in enumerate(shares):
+                with _lane(lanes[i] if lanes else None, main):
+                    batch = micro[task]
+                    outs[task], paths[task] = model(task, batch)
+                    losses[task] = model.heads[task].loss(outs[task], batch).float()
+            for stream, loss in zip(lanes or [], losses.values()):
+                main.wait_stream(stream)
+                loss.record_stream(main)
+            total, task_losses = 0.0, []
             for task, share in shares.items():
-                batch = micro[task]
-                out, paths[task] = model(task, batch)
-                loss = model.heads[task].loss(out, batch).float()
+                loss = losses[task]
                 task_losses.append(loss.detach())
                 if extra is not None:
-                    loss = loss + extra(task, batch, out, paths[task], index)
+                    loss = loss + extra(task, micro[task], outs[task], paths[task], index)
                 total = total + share * loss
             if joint is not None:
                 total = total + joint(paths)
@@ -238,6 +263,17 @@ class LocalTrainer:
         if not self.autocast:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=cache)
+
+
+@contextlib.contextmanager
+def _lane(stream: torch.cuda.Stream | None, main: torch.cuda.Stream | None):
+    """Run the block on ``stream`` after what ``main`` has queued (no stream: in place)."""
+    if stream is None:
+        yield
+        return
+    stream.wait_stream(main)
+    with torch.cuda.stream(stream):
+        yield
 
 
 def _graph_key(batches: Plan, index: int, micro: Mapping[str, dict]) -> tuple | None:

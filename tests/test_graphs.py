@@ -60,6 +60,13 @@ def test_replayed_steps_train_the_same_state_as_eager_steps(federation, client):
     # law_qa spans two domains: its micro-batches route differently and run eagerly
     assert graphed.graphs.replays == (0 if multi_domain else 6)
 
+    # scoring (eval mode, forward only) replays graphs of its own
+    data = federation.train_data(client)
+    batches = plan(data, 3, 8, torch.Generator().manual_seed(6))
+    names = federation.client_keys(client)
+    assert graphed.score(names, state, data, batches) == eager.score(names, state, data, batches)
+    assert graphed.graphs.replays == (0 if multi_domain else 9)
+
 
 def test_a_step_with_a_parameter_that_gets_no_gradient_runs_eagerly(federation):
     graphs = StepGraphs(CPU)
@@ -108,7 +115,7 @@ def test_cuda_graphs_compute_the_eager_gradients_on_a_gpu(amp):
     assert eager.graphs is None and graphed.graphs is not None
     model = federation.model
     grad_tol = {"rtol": 1e-4, "atol": 1e-6} if amp == "off" else {"rtol": 8e-3, "atol": 1e-4}
-    for client in (0, 1, 2):
+    for client in (0, 2, 3):  # objects; vqa (image + text); news + recon (two tasks, two lanes)
         names = federation.client_keys(client)
         params = dict(model.named_parameters())
         trained = [params[n] for n in names]
@@ -120,13 +127,16 @@ def test_cuda_graphs_compute_the_eager_gradients_on_a_gpu(amp):
         for trainer in (eager, graphed, graphed):  # eager; capture + replay; replay
             model.zero_grad(set_to_none=True)
             torch.manual_seed(7)
-            losses = trainer._train_step(data, batches, 1, trained, None, None)
+            losses = trainer._step(data, batches, 1, trained)
             results.append((losses.clone(), [p.grad.clone() for p in trained]))
         for losses, grads in results[1:]:
             torch.testing.assert_close(losses, results[0][0], rtol=1e-5, atol=1e-6)
             for grad, expected in zip(grads, results[0][1]):
                 torch.testing.assert_close(grad, expected, **grad_tol)
-        _, expected_losses = _train(federation, eager, client)
+        state, expected_losses = _train(federation, eager, client)
         _, losses = _train(federation, graphed, client)
         assert losses == pytest.approx(expected_losses, rel=1e-3 if amp == "off" else 1e-2)
-    assert graphed.graphs.captures == 3 and graphed.graphs.replays == 3 * (2 + 6)
+        scored = [t.score(names, state, data, batches) for t in (eager, graphed)]
+        assert scored[1] == pytest.approx(scored[0], rel=1e-5)
+    # per client: a training graph (2 + 6 replays) and a scoring graph (2)
+    assert graphed.graphs.captures == 6 and graphed.graphs.replays == 3 * (2 + 6 + 2)
