@@ -109,6 +109,16 @@ class StepGraphs:
                 return None
             return _Captured(None, _tensors(static), task_losses, grads, step)
         rng = torch.cuda.get_rng_state(self.device)
+        try:
+            with warnings.catch_warnings():
+                # a parameter two tasks share gets gradients from both tasks' streams; autograd
+                # warns of the event it waits on, which the graph records once
+                warnings.filterwarnings("ignore", "The AccumulateGrad node's stream does not match")
+                return self._record(static, step)
+        finally:
+            torch.cuda.set_rng_state(rng, self.device)  # as if warmup and capture never ran
+
+    def _record(self, static: dict, step) -> _Captured | None:
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):  # first runs: lazy initialisation, kept out of the graph
@@ -116,7 +126,6 @@ class StepGraphs:
                 task_losses, grads = step()
         torch.cuda.current_stream(self.device).wait_stream(side)
         if any(g is None for g in grads):
-            torch.cuda.set_rng_state(rng, self.device)
             return None
         graph = torch.cuda.CUDAGraph()
         try:
@@ -125,11 +134,9 @@ class StepGraphs:
         except RuntimeError as error:  # an operation that cannot be captured (a host sync)
             warnings.warn(
                 f"a micro-batch could not be captured as a CUDA graph and runs eagerly: {error}",
-                stacklevel=3,
+                stacklevel=4,
             )
             return None
-        finally:
-            torch.cuda.set_rng_state(rng, self.device)  # as if warmup and capture never ran
         self.captures += 1
         return _Captured(graph, _tensors(static), task_losses, grads, step)
 
