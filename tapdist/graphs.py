@@ -68,7 +68,7 @@ class StepGraphs:
         """Run the micro-batch of ``inputs`` (task -> batch): its task losses, with the gradients
         of ``loss / divisor`` added to ``params``' ``.grad`` (no backward without ``params``).
         None when this key cannot be captured; the caller then runs it eagerly."""
-        key = (key, divisor)
+        key = (key, divisor, tuple(map(id, params)))  # a graph writes these parameters' grads
         if key in self._eager:
             return None
         captured = self._graphs.get(key)

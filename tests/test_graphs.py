@@ -85,6 +85,20 @@ def test_a_step_with_a_parameter_that_gets_no_gradient_runs_eagerly(federation):
     assert torch.equal(used.grad, torch.arange(2.0) / 2)
 
 
+def test_a_key_trained_with_other_parameters_gets_a_graph_of_its_own():
+    graphs = StepGraphs(CPU)
+    a, b = torch.nn.Parameter(torch.ones(1)), torch.nn.Parameter(torch.ones(1))
+
+    def forward(inputs):
+        loss = (a * b * inputs["t"]["x"]).sum()
+        return loss, loss.detach()[None]
+
+    graphs.step("k", {"t": {"x": torch.ones(1)}}, forward, [a], 1)
+    graphs.step("k", {"t": {"x": torch.ones(1)}}, forward, [a, b], 1)
+    assert a.grad.item() == 2.0 and b.grad.item() == 1.0
+    assert len(graphs._graphs) == 2
+
+
 def test_graphs_are_kept_up_to_capacity():
     graphs = StepGraphs(CPU, capacity=2)
     weight = torch.nn.Parameter(torch.ones(1))
@@ -95,7 +109,7 @@ def test_graphs_are_kept_up_to_capacity():
 
     for key in ("a", "b", "a", "c"):
         graphs.step(key, {"t": {"x": torch.ones(1)}}, forward, [weight], 1)
-    assert [key for key, _ in graphs._graphs] == ["a", "c"]  # b was the least recently used
+    assert [key for key, *_ in graphs._graphs] == ["a", "c"]  # b was the least recently used
     assert weight.grad.item() == 4.0
 
 
