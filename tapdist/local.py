@@ -148,14 +148,10 @@ class LocalTrainer:
         self.model.eval()
         out = []
         for index in range(batches.length):
+            micro = self._inputs(data, batches, index)
             with self._precision():
                 out.append(
-                    {
-                        task: self.model(task, batches.batch(data, task, index, self.device))[0]
-                        .float()
-                        .detach()
-                        for task in batches.rows
-                    }
+                    {task: self.model(task, b)[0].float().detach() for task, b in micro.items()}
                 )
         return out
 
