@@ -164,16 +164,21 @@ def micro_batch_flops(federation, client: int, state, device: torch.device) -> f
 
 
 class _OperatorCount(TorchDispatchMode):
-    """Counts the aten operators dispatched, and how many of them are views (no kernel)."""
+    """Counts the aten operators dispatched, how many of them are views (no kernel), and the
+    casts between floating dtypes among them (autocast's, and their backward)."""
 
     def __init__(self):
         super().__init__()
-        self.total = self.views = 0
+        self.total = self.views = self.casts = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
         self.total += 1
         self.views += func.is_view
-        return func(*args, **(kwargs or {}))
+        if func.overloadpacket is torch.ops.aten._to_copy:
+            to = kwargs.get("dtype")
+            self.casts += args[0].is_floating_point() and to is not None and to != args[0].dtype
+        return func(*args, **kwargs)
 
 
 def count_operators(federation, client: int, state, device: torch.device) -> dict:
@@ -185,7 +190,7 @@ def count_operators(federation, client: int, state, device: torch.device) -> dic
     with counter:
         step(ready[0])
     federation.model.zero_grad(set_to_none=True)
-    return {"total": counter.total, "views": counter.views}
+    return {"total": counter.total, "views": counter.views, "casts": counter.casts}
 
 
 def bare_loop(federation, client: int, state, device: torch.device, count: int):
@@ -261,7 +266,7 @@ def _ready_steps(federation, client: int, state, device: torch.device, count: in
     model = federation.model
 
     def step(micro):
-        with trainer._precision():
+        with trainer.computing(), trainer._precision():
             total = sum(
                 batches.shares[t] * model.heads[t].loss(model(t, b)[0], b).float()
                 for t, b in micro.items()
@@ -274,7 +279,7 @@ def _ready_steps(federation, client: int, state, device: torch.device, count: in
 def table(results: list[dict]) -> str:
     head = (
         "| config | client | amp | graphs | micro-batches | round s | phases g/r/p s "
-        "| micro-batch ms | bare ms | samples/s | GFLOP/mb | ops/mb (views) | TFLOP/s | MFU "
+        "| micro-batch ms | bare ms | samples/s | GFLOP/mb | ops/mb (views, casts) | TFLOP/s | MFU "
         "| bare MFU | syncs/mb | peak GB |"
     )
     rows = [head, _rule(head)]
@@ -287,7 +292,7 @@ def table(results: list[dict]) -> str:
             f"| {p['global_s']:.2f}/{p['replace_s']:.2f}/{p['personal_s']:.2f} "
             f"| {r['micro_batch_ms']:.1f} | {r['bare_micro_batch_ms']:.1f} "
             f"| {r['samples_per_s']:.0f} | {1e3 * r['tflop_per_micro_batch']:.1f} "
-            f"| {ops['total']} ({ops['views']}) "
+            f"| {ops['total']} ({ops['views']}, {ops.get('casts', '-')}) "
             f"| {r['tflops']:.2f} "
             f"| {_pct(r['mfu'])} | {_pct(r['bare_mfu'])} "
             f"| {_or_dash(r['host_syncs_per_micro_batch'])} "

@@ -6,7 +6,8 @@ drawn up front from the round's generator as index tensors: every task contribut
 the batch (by data size), and each task's rows are ordered by domain so MoDE routes contiguous
 groups. The loss of a micro-batch is the sum over tasks of (share x task loss), plus optional
 extra terms (distillation, DisentAFL's orthogonality loss). AdamW with a fresh state every round,
-gradient-norm clipping, bf16 autocast on CUDA. On CUDA a micro-batch whose routing is fixed is
+gradient-norm clipping, bf16 autocast on CUDA (the frozen weights read in bf16 copies made once,
+:class:`~tapdist.models.backbone.MatmulWeights`). On CUDA a micro-batch whose routing is fixed is
 captured as a CUDA graph the first time its shapes appear and replayed after
 (:mod:`tapdist.graphs`): the same computation, one launch.
 """
@@ -21,6 +22,7 @@ import torch
 
 from tapdist.config import TrainConfig
 from tapdist.graphs import StepGraphs
+from tapdist.models.backbone import MatmulWeights
 from tapdist.models.layers import Runs, domain_runs
 from tapdist.models.tap import TapModel
 
@@ -84,6 +86,7 @@ class LocalTrainer:
         self.model, self.cfg, self.device = model, cfg, torch.device(device)
         bf16 = cfg.amp == "bf16" or (cfg.amp == "auto" and self.device.type == "cuda")
         self.autocast = bf16
+        self.weights = MatmulWeights(model, torch.bfloat16) if bf16 else None
         graphs = cfg.cuda_graphs == "auto" and self.device.type == "cuda"
         self.graphs = StepGraphs(self.device) if graphs else None
         self._streams: list[torch.cuda.Stream] = []  # the tasks' lanes in a captured step
@@ -113,15 +116,16 @@ class LocalTrainer:
         torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
         sums = torch.zeros(len(batches.rows), device=self.device)
         model.train()
-        for index in range(batches.length):
-            if index % cfg.accumulation == 0:
-                optimizer.zero_grad(set_to_none=True)
-            sums += self._step(data, batches, index, trained, extra, joint)
-            last = index + 1 == batches.length
-            if (index + 1) % cfg.accumulation == 0 or last:
-                if cfg.clip_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(trained, cfg.clip_norm)
-                optimizer.step()
+        with self.computing():
+            for index in range(batches.length):
+                if index % cfg.accumulation == 0:
+                    optimizer.zero_grad(set_to_none=True)
+                sums += self._step(data, batches, index, trained, extra, joint)
+                last = index + 1 == batches.length
+                if (index + 1) % cfg.accumulation == 0 or last:
+                    if cfg.clip_norm > 0:
+                        torch.nn.utils.clip_grad_norm_(trained, cfg.clip_norm)
+                    optimizer.step()
         means = (sums / batches.length).tolist()
         return model.get_state(names), dict(zip(batches.rows, means))
 
@@ -134,8 +138,9 @@ class LocalTrainer:
         self.model.load_state(state, names)
         self.model.eval()
         sums = torch.zeros(len(batches.rows), device=self.device)
-        for index in range(batches.length):
-            sums += self._step(data, batches, index, [])
+        with self.computing():
+            for index in range(batches.length):
+                sums += self._step(data, batches, index, [])
         return dict(zip(batches.rows, (sums / batches.length).tolist()))
 
     @torch.no_grad()
@@ -147,13 +152,19 @@ class LocalTrainer:
         self.model.load_state(state, names)
         self.model.eval()
         out = []
-        for index in range(batches.length):
-            micro = self._inputs(data, batches, index)
-            with self._precision():
-                out.append(
-                    {task: self.model(task, b)[0].float().detach() for task, b in micro.items()}
-                )
+        with self.computing():
+            for index in range(batches.length):
+                micro = self._inputs(data, batches, index)
+                with self._precision():
+                    out.append(
+                        {task: self.model(task, b)[0].float().detach() for task, b in micro.items()}
+                    )
         return out
+
+    def computing(self):
+        """While the trainer computes: in bf16, the frozen weights swapped for their bf16
+        copies (autocast would cast each at every use); the fp32 originals stay for the rest."""
+        return self.weights.swapped_in() if self.weights else contextlib.nullcontext()
 
     def _on_device(self, data: Data, batches: Plan) -> tuple[Data, Plan]:
         """``data`` and the plan's index tensors on the device. A client's data is copied once

@@ -7,6 +7,8 @@ frozen; LoRA is added by the caller.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -66,6 +68,43 @@ def load_backbone(
         for name, param in module.named_parameters():
             param.requires_grad_("lora_" in name)
     return backbone
+
+
+class MatmulWeights:
+    """Copies, in the dtype autocast computes in, of a model's frozen linear and convolution
+    weights and biases (the frozen weights only matmuls read), swapped in while it computes.
+
+    Autocast keeps a cast copy only of trainable weights; a frozen weight is cast again at each
+    use, every micro-batch. The originals stay in place outside :meth:`swapped_in` (evaluation
+    reads them in fp32). Inside, results are bit for bit those of autocast's own casts.
+    """
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype):
+        self.params = [
+            p
+            for module in model.modules()
+            if isinstance(module, (nn.Linear, nn.Conv2d))
+            for p in module.parameters(recurse=False)
+            if not p.requires_grad
+        ]
+        self.copies = [p.detach().to(dtype) for p in self.params]
+        self._active = False
+
+    @contextlib.contextmanager
+    def swapped_in(self) -> Iterator[None]:
+        if self._active:  # nested: already in place
+            yield
+            return
+        originals = [p.data for p in self.params]
+        for p, copy in zip(self.params, self.copies):
+            p.data = copy
+        self._active = True
+        try:
+            yield
+        finally:
+            for p, original in zip(self.params, originals):
+                p.data = original
+            self._active = False
 
 
 def hf_config(kind: str, size: str, sizes: dict[str, int] | None = None):
@@ -242,6 +281,9 @@ def _inject_qv_lora(tower: nn.Module, lora: LoraSpec) -> None:
         target_modules=["query", "value", "q_proj", "v_proj"],
     )
     inject_adapter_in_model(config, tower)
+    for module in tower.modules():  # autocast decides the LoRA's dtype, as for the base layer
+        if hasattr(module, "cast_input_dtype_enabled"):
+            module.cast_input_dtype_enabled = False
 
 
 def _hf_layer_base(layer: nn.Module, cfg) -> LayerBase:

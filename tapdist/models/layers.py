@@ -10,6 +10,9 @@ Because every path through one gated layer runs on the same base, the paths run 
 activations carry a leading path axis ``(P, batch, length, hidden)``, each frozen projection is
 one matmul over all of them, and the paths' own LoRA factors are stacked into two batched
 matmuls (:func:`stacked_lora`). The number of operators per layer does not grow with the paths.
+
+Under bf16 autocast a layer norm's output is cast to bf16 once, where it is made
+(:func:`matmul_input`), not by each of the up to eight matmuls that read it.
 """
 
 from __future__ import annotations
@@ -45,6 +48,15 @@ class LayerBase:
     def modules(self) -> list[nn.Module]:
         """The frozen modules themselves (the activation has no weights)."""
         return [self.ln1, self.q, self.k, self.v, self.o, self.ln2, self.fc1, self.fc2]
+
+
+def matmul_input(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in the dtype autocast computes matmuls in, cast once for all the matmuls that read
+    it (autocast casts an input at each matmul); ``x`` itself where autocast is off."""
+    kind = x.device.type
+    if torch.is_autocast_enabled(kind):
+        return x.to(torch.get_autocast_dtype(kind))
+    return x
 
 
 class LoRA(nn.Module):
@@ -186,7 +198,7 @@ def attend(
     """The attention half of ``layers[p]`` on ``x[p]`` for every path p, all on one base:
     ``x + o(attention(q, k, v))`` with MoDE before q and v."""
     b = layers[0].base
-    a = b.ln1(x)
+    a = matmul_input(b.ln1(x))
     frozen_fc1 = b.fc1(a)  # both MoDE stages read the same input through the same base
     q_in = domain_residual([layer.mode_q for layer in layers], a, runs, frozen_fc1)
     v_in = domain_residual([layer.mode_v for layer in layers], a, runs, frozen_fc1)
@@ -197,7 +209,7 @@ def attend(
 
 def feed_forward(experts: Sequence[Expert], x: torch.Tensor) -> torch.Tensor:
     """The FFN half: ``x[p] + experts[p](ln2(x[p]))`` for every path p."""
-    return x + expert_ffn(experts, experts[0].base.ln2(x))
+    return x + expert_ffn(experts, matmul_input(experts[0].base.ln2(x)))
 
 
 def tower_layer(
@@ -211,7 +223,7 @@ def tower_layer(
     attention; LoRA, where the tower has it, sits inside its q and v modules. ``dropout`` is
     the layer's hidden dropout and ``attn_dropout`` that of the attention weights (training
     only)."""
-    a = b.ln1(x)
+    a = matmul_input(b.ln1(x))
     out = b.o(_attention(b.q(a)[None], b.k(a)[None], b.v(a)[None], key_mask, b.heads, attn_dropout))
     x = x + _dropout(out[0], dropout)
     return x + _dropout(b.fc2(b.act(b.fc1(b.ln2(x)))), dropout)
