@@ -232,21 +232,24 @@ def test_paths_run_together_give_the_per_path_result(model):
 
 
 def test_stacked_lora_is_each_lora_on_its_own_path():
-    from tapdist.models.layers import stacked_lora
+    from tapdist.models.layers import add_stacked_lora
 
-    loras = [LoRA(6, 5, rank=2, alpha=4.0, dropout=0.0) for _ in range(2)]
+    loras = [LoRA(6, 5, rank=2, alpha=3.0, dropout=0.0) for _ in range(2)]
     for lora in loras:
         torch.nn.init.normal_(lora.lora_B)
     chosen = [loras[0], loras[1], loras[0]]  # a LoRA two paths use
     x = torch.randn(3, 4, 7, 6, requires_grad=True)
-    out = stacked_lora(chosen, x)
-    torch.testing.assert_close(out, torch.stack([lora(x[p]) for p, lora in enumerate(chosen)]))
+    base = torch.randn(3, 4, 7, 5)
+    out = add_stacked_lora(base, chosen, x)
+    expected = base + torch.stack([lora(x[p]) for p, lora in enumerate(chosen)])
+    torch.testing.assert_close(out, expected)
     out.sum().backward()
     grad = loras[0].lora_A.grad.clone()
     loras[0].zero_grad()
     (loras[0](x[0]).sum() + loras[0](x[2]).sum()).backward()  # the same LoRA, path by path
     torch.testing.assert_close(grad, loras[0].lora_A.grad)
-    torch.testing.assert_close(stacked_lora([loras[1]] * 3, x), loras[1](x))
+    # one LoRA for every path
+    torch.testing.assert_close(add_stacked_lora(base, [loras[1]] * 3, x), base + loras[1](x))
 
 
 @pytest.mark.parametrize("backbone", ["vilt", "hf"])

@@ -9,7 +9,7 @@ saved twice.
 Because every path through one gated layer runs on the same base, the paths run *together*:
 activations carry a leading path axis ``(P, batch, length, hidden)``, each frozen projection is
 one matmul over all of them, and the paths' own LoRA factors are stacked into two batched
-matmuls (:func:`stacked_lora`). The number of operators per layer does not grow with the paths.
+matmuls (:func:`add_stacked_lora`). The number of operators per layer does not grow with the paths.
 
 Under bf16 autocast a layer norm's output is cast to bf16 once, where it is made
 (:func:`matmul_input`), not by each of the up to eight matmuls that read it.
@@ -74,28 +74,33 @@ class LoRA(nn.Module):
         return (self.dropout(x) @ self.lora_A.T @ self.lora_B.T) * self.scale
 
 
-def stacked_lora(loras: Sequence[LoRA], x: torch.Tensor) -> torch.Tensor:
-    """``loras[p](x[p])`` for every path p of ``x`` (P, ..., d_in), as two batched matmuls.
+def add_stacked_lora(base: torch.Tensor, loras: Sequence[LoRA], x: torch.Tensor) -> torch.Tensor:
+    """``base[p] + loras[p](x[p])`` for every path p of ``x`` (P, ..., d_in) and ``base``
+    (P, ..., d_out): two batched matmuls, the second adding its scaled product to ``base`` as it
+    writes (no separate scale and sum).
 
     The LoRAs share rank, alpha and dropout (one spec per kind of site). A LoRA that several
     paths use is stacked once per path; its gradient sums over them, as if run path by path.
     """
     first = loras[0]
-    flat = first.dropout(x).reshape(x.shape[0], -1, x.shape[-1])
+    paths, d_out = x.shape[0], base.shape[-1]
+    flat = first.dropout(x).reshape(paths, -1, x.shape[-1])
     if all(lora is first for lora in loras):  # one LoRA for every path: broadcast, no stacking
-        out = flat @ first.lora_A.T @ first.lora_B.T
+        low = (flat @ first.lora_A.T).reshape(-1, first.lora_A.shape[0])
+        out = torch.addmm(base.reshape(-1, d_out), low, first.lora_B.T, alpha=first.scale)
     else:
         a = torch.stack([lora.lora_A for lora in loras]).transpose(1, 2)
         b = torch.stack([lora.lora_B for lora in loras]).transpose(1, 2)
-        out = torch.bmm(torch.bmm(flat, a), b)
-    return (out * first.scale).view(*x.shape[:-1], out.shape[-1])
+        low = torch.bmm(flat, a)
+        out = torch.baddbmm(base.reshape(paths, -1, d_out), low, b, alpha=first.scale)
+    return out.view(base.shape)
 
 
 def stacked_adapted(base: nn.Linear, loras: Sequence[LoRA | None], x: torch.Tensor):
     """``W x[p] + B_p A_p x[p]`` for every path p of ``x``: the frozen projection once for all
     paths, plus each path's low-rank update."""
     out = base(x)
-    return out if loras[0] is None else out + stacked_lora(loras, x)
+    return out if loras[0] is None else add_stacked_lora(out, loras, x)
 
 
 @dataclass(frozen=True)
@@ -130,7 +135,7 @@ def expert_ffn(
     base = experts[0].base
     pre = base.fc1(x) if frozen_fc1 is None else frozen_fc1
     if experts[0].fc1 is not None:
-        pre = pre + stacked_lora([e.fc1 for e in experts], x)
+        pre = add_stacked_lora(pre, [e.fc1 for e in experts], x)
     return stacked_adapted(base.fc2, [e.fc2 for e in experts], base.act(pre))
 
 
