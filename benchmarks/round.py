@@ -11,6 +11,7 @@ the device's peak, samples per second and peak memory.
     python -m benchmarks.round                                   # paper FLAVA and ViLT, GPU
     python -m benchmarks.round --tiny --steps 4                  # tiny models on CPU
     python -m benchmarks.round --config configs/paper_vilt.yaml --amp bf16 off
+    python -m benchmarks.round --count --device cpu --amp bf16   # what a micro-batch dispatches
 
 The defaults are the paper settings' clients with an image task and AG News classification
 (FLAVA client 7: CIFAR-100 + AG News, 80 + 80 micro-batches of 32; ViLT client 7: Fashion-MNIST
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import (
@@ -71,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
         federation = TapFederation(cfg, device)
         build_s = _since(started, device)
         for amp in args.amp:
+            if args.count:
+                results.append({"config": str(config), **counted(federation, cfg, args, amp)})
+                print(json.dumps(results[-1]), flush=True)
+                write_json(args.json, {"hardware": hardware(), "results": results})
+                continue
             for graphs in args.graphs:
                 print(
                     f"== {config}: client {args.client}, amp {amp}, {device}, cuda graphs {graphs}",
@@ -83,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                 write_json(args.json, {"hardware": hardware(), "results": results})
     print()
     print(f"{describe(hardware())}\n")
-    print(table(results))
+    print(count_table(results) if args.count else table(results))
     print(f"\nwrote {args.json}")
     return 0
 
@@ -163,22 +170,46 @@ def micro_batch_flops(federation, client: int, state, device: torch.device) -> f
     return float(counter.get_total_flops())
 
 
+#: operators that do a micro-batch's arithmetic; everything else moves memory
+_MATMULS = {
+    "mm",
+    "bmm",
+    "addmm",
+    "baddbmm",
+    "convolution",
+    "convolution_backward",
+    *(
+        f"_scaled_dot_product_{kind}_attention{side}"
+        for kind in ("flash", "efficient", "cudnn")
+        for side in ("", "_backward")
+    ),
+    "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_flash_attention_for_cpu_backward",
+}
+
+
 class _OperatorCount(TorchDispatchMode):
-    """Counts the aten operators dispatched, how many of them are views (no kernel), and the
-    casts between floating dtypes among them (autocast's, and their backward)."""
+    """Counts the aten operators dispatched, how many of them are views (no kernel), the casts
+    between floating dtypes among them (autocast's, and their backward), and the bytes written
+    by the operators that are neither views nor matmuls (the memory-bound kernels)."""
 
     def __init__(self):
         super().__init__()
-        self.total = self.views = self.casts = 0
+        self.total = self.views = self.casts = self.memory_bytes = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        out = func(*args, **kwargs)
         self.total += 1
         self.views += func.is_view
-        if func.overloadpacket is torch.ops.aten._to_copy:
+        name = func.overloadpacket.__name__
+        if name == "_to_copy":
             to = kwargs.get("dtype")
             self.casts += args[0].is_floating_point() and to is not None and to != args[0].dtype
-        return func(*args, **kwargs)
+        if not func.is_view and name not in _MATMULS:
+            written = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+            self.memory_bytes += sum(t.numel() * t.element_size() for t in written)
+        return out
 
 
 def count_operators(federation, client: int, state, device: torch.device) -> dict:
@@ -190,7 +221,46 @@ def count_operators(federation, client: int, state, device: torch.device) -> dic
     with counter:
         step(ready[0])
     federation.model.zero_grad(set_to_none=True)
-    return {"total": counter.total, "views": counter.views, "casts": counter.casts}
+    return {
+        "total": counter.total,
+        "views": counter.views,
+        "casts": counter.casts,
+        "memory_bound_mb_written": counter.memory_bytes / 2**20,
+    }
+
+
+def counted(federation, cfg, args, amp: str) -> dict:
+    """FLOPs and operators of one training micro-batch, nothing timed (``--count``): what the
+    host dispatches does not depend on the device, so a CPU counts it for a GPU."""
+    device = federation.device
+    train = dataclasses.replace(cfg.train, amp=amp, cuda_graphs="off")
+    federation.trainer = LocalTrainer(federation.model, train, device)
+    start = federation.initial_substate(args.client)
+    return {
+        "client": args.client,
+        "tasks": list(federation.specs[args.client].tasks),
+        "amp": "bf16" if federation.trainer.autocast else "fp32",
+        "batch_size": train.batch_size,
+        "tflop_per_micro_batch": micro_batch_flops(federation, args.client, start, device) / 1e12,
+        "operators_per_micro_batch": count_operators(federation, args.client, start, device),
+    }
+
+
+def count_table(results: list[dict]) -> str:
+    head = (
+        "| config | client | amp | batch | GFLOP/mb | operators | views | non-view | casts "
+        "| memory-bound MB written |"
+    )
+    rows = [head, _rule(head)]
+    for r in results:
+        ops = r["operators_per_micro_batch"]
+        rows.append(
+            f"| {Path(r['config']).stem} | {r['client']} ({'+'.join(r['tasks'])}) | {r['amp']} "
+            f"| {r['batch_size']} | {1e3 * r['tflop_per_micro_batch']:.1f} | {ops['total']} "
+            f"| {ops['views']} | {ops['total'] - ops['views']} | {ops['casts']} "
+            f"| {ops['memory_bound_mb_written']:.0f} |"
+        )
+    return "\n".join(rows)
 
 
 def bare_loop(federation, client: int, state, device: torch.device, count: int):
@@ -321,6 +391,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--bare", type=int, default=20, help="micro-batches of the bare loop")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--profile", action="store_true", help="profile a few micro-batches")
+    p.add_argument(
+        "--count",
+        action="store_true",
+        help="only count one micro-batch's FLOPs and operators (no timing; any device)",
+    )
     p.add_argument(
         "--json",
         type=Path,

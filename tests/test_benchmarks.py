@@ -206,6 +206,21 @@ def test_round_times_a_tap_client_round_and_counts_its_flops(tmp_path):
     assert 0 < ops["views"] < ops["total"]
 
 
+def test_round_count_counts_a_micro_batch_without_timing_it(tmp_path):
+    out = tmp_path / "count.json"
+    args = ["--config", FLAVA, "--tiny", "--count", "--device", "cpu", "--amp", "bf16", "off"]
+    assert round_bench.main([*args, "--json", str(out)]) == 0
+    bf16, fp32 = json.loads(out.read_text())["results"]
+    assert (bf16["amp"], fp32["amp"]) == ("bf16", "fp32") and "round_s" not in bf16
+    for row in (bf16, fp32):
+        ops = row["operators_per_micro_batch"]
+        assert row["tflop_per_micro_batch"] > 0 and 0 < ops["views"] < ops["total"]
+        assert ops["memory_bound_mb_written"] > 0
+    # fp32 casts nothing; bf16 casts matmul inputs and trainable weights
+    assert fp32["operators_per_micro_batch"]["casts"] == 0
+    assert bf16["operators_per_micro_batch"]["casts"] > 0
+
+
 def test_helpers():
     assert markdown_table(["a", "b"], [[1, "x"]]) == "| a | b |\n| --- | --- |\n| 1 | x |"
     calls = []

@@ -9,7 +9,8 @@ saved twice.
 Because every path through one gated layer runs on the same base, the paths run *together*:
 activations carry a leading path axis ``(P, batch, length, hidden)``, each frozen projection is
 one matmul over all of them, and the paths' own LoRA factors are stacked into two batched
-matmuls (:func:`add_stacked_lora`). The number of operators per layer does not grow with the paths.
+matmuls (:func:`add_stacked_lora`). The number of operators per layer does not grow with the
+paths.
 
 Under bf16 autocast a layer norm's output is cast to bf16 once, where it is made
 (:func:`matmul_input`), not by each of the up to eight matmuls that read it.
