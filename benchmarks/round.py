@@ -336,12 +336,13 @@ def _ready_steps(federation, client: int, state, device: torch.device, count: in
     model = federation.model
 
     def step(micro):
-        with trainer.computing(), trainer._precision():
-            total = sum(
-                batches.shares[t] * model.heads[t].loss(model(t, b)[0], b).float()
-                for t, b in micro.items()
-            )
-        total.backward()
+        with trainer.computing():
+            with trainer._precision():
+                total = sum(
+                    batches.shares[t] * model.heads[t].loss(model(t, b)[0], b).float()
+                    for t, b in micro.items()
+                )
+            total.backward()
 
     return ready, step
 

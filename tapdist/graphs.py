@@ -12,9 +12,10 @@ function, the gradients of the same loss (``torch.autograd.grad`` into static bu
 ``.grad`` afterwards as the eager backward's accumulation does), and the same random stream (a
 replay draws dropout from the generator's current seed and offset and advances it as the eager
 kernels would; capturing leaves the generator as it found it). One difference under bf16
-autocast: its cache of weights cast to bf16 cannot outlive a capture, so a captured step casts a
-weight for each use, and the gradients of a weight used several times meet in fp32 instead of
-bf16 (a difference of a bf16 rounding). Only micro-batches whose routing is fixed are captured:
+autocast: its cache of trainable weights cast to bf16 cannot outlive a capture, so a captured
+step casts a trainable weight for each use, and the gradients of a weight used several times
+meet in fp32 instead of bf16 (a difference of a bf16 rounding). Frozen weights are read from
+bf16 copies either way. Only micro-batches whose routing is fixed are captured:
 every task's samples of one domain, no extra loss terms. Anything else runs eagerly.
 """
 

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import ROOT, SMOKE_CONFIG, unavailable, venv_tool
 
 from benchmarks import clients, comm, round_bytes, scaling
@@ -21,6 +22,7 @@ from benchmarks import round as round_bench
 from benchmarks.common import markdown_table, rank_command, timed
 from tapdist.config import load_config
 from tapdist.dist import SingleProcessContext
+from tapdist.models.federated import TapFederation
 
 pytestmark = pytest.mark.multiproc
 
@@ -219,6 +221,16 @@ def test_round_count_counts_a_micro_batch_without_timing_it(tmp_path):
     # fp32 casts nothing; bf16 casts matmul inputs and trainable weights
     assert fp32["operators_per_micro_batch"]["casts"] == 0
     assert bf16["operators_per_micro_batch"]["casts"] > 0
+
+
+def test_round_count_sees_frozen_weights_read_without_casts():
+    cfg = load_config(ROOT / FLAVA, [*round_bench.TINY, "train.amp=bf16"])
+    federation = TapFederation(cfg, torch.device("cpu"))
+    start = federation.initial_substate(7)
+    copies = round_bench.count_operators(federation, 7, start, federation.device)
+    federation.trainer.weights = None  # autocast casts each frozen weight where it is read
+    casting = round_bench.count_operators(federation, 7, start, federation.device)
+    assert copies["casts"] < casting["casts"] and copies["total"] < casting["total"]
 
 
 def test_helpers():

@@ -39,7 +39,7 @@ class _Casts(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-@pytest.fixture(scope="module", params=["flava", "vilt"])
+@pytest.fixture(scope="module", params=["flava", "vilt", "hf"])
 def federation(request) -> TapFederation:
     return TapFederation(load_config(SMOKE_CONFIG, [*BF16, f"model.backbone={request.param}"]), CPU)
 
@@ -99,6 +99,16 @@ def test_weights_return_to_fp32_when_a_step_fails():
         assert layer.weight.dtype == torch.bfloat16
         raise RuntimeError("mid-step")
     assert layer.weight.dtype == torch.float32 and layer.weight.data_ptr() == original
+
+
+def test_weights_changed_after_their_copies_were_made_are_refused():
+    layer = torch.nn.Linear(4, 4).requires_grad_(False)
+    weights = MatmulWeights(torch.nn.Sequential(layer), torch.bfloat16)
+    with torch.no_grad():
+        layer.weight.mul_(2.0)  # loaded or edited in place: the copy no longer matches
+    with pytest.raises(RuntimeError, match="build a new LocalTrainer"), weights.swapped_in():
+        pass
+    assert layer.weight.dtype == torch.float32
 
 
 def test_a_tower_layer_casts_each_layer_norm_output_once():

@@ -250,6 +250,10 @@ def test_stacked_lora_is_each_lora_on_its_own_path():
     torch.testing.assert_close(grad, loras[0].lora_A.grad)
     # one LoRA for every path
     torch.testing.assert_close(add_stacked_lora(base, [loras[1]] * 3, x), base + loras[1](x))
+    # slices of a batch, as MoDE passes a domain run's rows (neither is contiguous)
+    rows = slice(1, 3)
+    out = add_stacked_lora(base[:, rows], chosen, x[:, rows])
+    torch.testing.assert_close(out, expected[:, rows])
 
 
 @pytest.mark.parametrize("backbone", ["vilt", "hf"])

@@ -76,7 +76,8 @@ class MatmulWeights:
 
     Autocast keeps a cast copy only of trainable weights; a frozen weight is cast again at each
     use, every micro-batch. The originals stay in place outside :meth:`swapped_in` (evaluation
-    reads them in fp32). Inside, results are bit for bit those of autocast's own casts.
+    reads them in fp32). Inside, results are bit for bit those of autocast's own casts. A
+    backward must run inside too: an operator may have saved the weight it read.
     """
 
     def __init__(self, model: nn.Module, dtype: torch.dtype):
@@ -88,6 +89,7 @@ class MatmulWeights:
             if not p.requires_grad
         ]
         self.copies = [p.detach().to(dtype) for p in self.params]
+        self._sources = [_source(p) for p in self.params]
         self._active = False
 
     @contextlib.contextmanager
@@ -95,6 +97,11 @@ class MatmulWeights:
         if self._active:  # nested: already in place
             yield
             return
+        if any(_source(p) != s for p, s in zip(self.params, self._sources)):
+            raise RuntimeError(
+                "frozen weights were moved or overwritten after their bf16 copies were made; "
+                "build a new LocalTrainer for the model as it is now"
+            )
         originals = [p.data for p in self.params]
         for p, copy in zip(self.params, self.copies):
             p.data = copy
@@ -105,6 +112,11 @@ class MatmulWeights:
             for p, original in zip(self.params, originals):
                 p.data = original
             self._active = False
+
+
+def _source(p: torch.Tensor) -> tuple:
+    """Where a tensor's values live and how often they were written in place."""
+    return p.data_ptr(), p._version, p.device, p.dtype
 
 
 def hf_config(kind: str, size: str, sizes: dict[str, int] | None = None):
