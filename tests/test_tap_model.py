@@ -256,6 +256,28 @@ def test_stacked_lora_is_each_lora_on_its_own_path():
     torch.testing.assert_close(out, expected[:, rows])
 
 
+def test_a_peft_lora_layer_adds_its_update_inside_the_matmul():
+    from tapdist.models.backbone import _inject_qv_lora
+    from tapdist.models.layers import LoraSpec, adapted
+
+    tower = torch.nn.Module()
+    tower.query = torch.nn.Linear(6, 5)
+    _inject_qv_lora(tower, LoraSpec(2, 3.0, 0.0))
+    layer = tower.query
+    torch.nn.init.normal_(layer.lora_B["default"].weight)
+    x = torch.randn(3, 7, 6, requires_grad=True)
+    expected = layer(x)  # peft's forward: base, then its scale and sum
+    grads = torch.autograd.grad(expected.square().sum(), [x, layer.lora_B["default"].weight])
+    out = adapted(layer, x)
+    torch.testing.assert_close(out, expected)
+    for got, want in zip(
+        torch.autograd.grad(out.square().sum(), [x, layer.lora_B["default"].weight]), grads
+    ):
+        torch.testing.assert_close(got, want)
+    layer.enable_adapters(False)  # anything but one plain active adapter goes through peft
+    torch.testing.assert_close(adapted(layer, x), layer.base_layer(x))
+
+
 @pytest.mark.parametrize("backbone", ["vilt", "hf"])
 def test_operators_do_not_grow_with_the_paths(backbone):
     """The paths run through each gated layer together, so four paths dispatch about as many

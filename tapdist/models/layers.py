@@ -97,6 +97,35 @@ def add_stacked_lora(base: torch.Tensor, loras: Sequence[LoRA], x: torch.Tensor)
     return out.view(base.shape)
 
 
+@dataclass(frozen=True)
+class _PeftLoRA:
+    """A peft LoRA layer's adapter, read as :func:`add_stacked_lora` reads a :class:`LoRA`."""
+
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    scale: float
+    dropout: nn.Module
+
+
+def adapted(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` for a frozen linear that peft may have given a LoRA (the towers' q and v):
+    its update is added inside its second matmul, as :func:`add_stacked_lora` does, instead of
+    by peft's separate scale and sum. Anything but one plain active adapter runs through peft."""
+    adapters = getattr(module, "active_adapters", None)
+    if not adapters or len(adapters) != 1 or module.merged or module.disable_adapters:
+        return module(x)
+    name = adapters[0]
+    if getattr(module, "use_dora", {}).get(name) or module.lora_B[name].bias is not None:
+        return module(x)
+    lora = _PeftLoRA(
+        module.lora_A[name].weight,
+        module.lora_B[name].weight,
+        module.scaling[name],
+        module.lora_dropout[name],
+    )
+    return add_stacked_lora(module.base_layer(x)[None], [lora], x[None])[0]
+
+
 def stacked_adapted(base: nn.Linear, loras: Sequence[LoRA | None], x: torch.Tensor):
     """``W x[p] + B_p A_p x[p]`` for every path p of ``x``: the frozen projection once for all
     paths, plus each path's low-rank update."""
@@ -226,11 +255,12 @@ def tower_layer(
     attn_dropout: float,
 ) -> torch.Tensor:
     """One frozen pre-LN layer of a backbone tower on ``x`` (batch, length, hidden), with fused
-    attention; LoRA, where the tower has it, sits inside its q and v modules. ``dropout`` is
-    the layer's hidden dropout and ``attn_dropout`` that of the attention weights (training
-    only)."""
+    attention; LoRA, where the tower has it, is peft's on its q and v modules (run by
+    :func:`adapted`). ``dropout`` is the layer's hidden dropout and ``attn_dropout`` that of the
+    attention weights (training only)."""
     a = matmul_input(b.ln1(x))
-    out = b.o(_attention(b.q(a)[None], b.k(a)[None], b.v(a)[None], key_mask, b.heads, attn_dropout))
+    q, k, v = adapted(b.q, a)[None], b.k(a)[None], adapted(b.v, a)[None]
+    out = b.o(_attention(q, k, v, key_mask, b.heads, attn_dropout))
     x = x + _dropout(out[0], dropout)
     return x + _dropout(b.fc2(b.act(b.fc1(b.ln2(x)))), dropout)
 
