@@ -216,7 +216,7 @@ def count_operators(federation, client: int, state, device: torch.device) -> dic
     """aten operators of one forward + backward micro-batch: what the host dispatches (each
     non-view one launches at least one kernel on a GPU). The count depends on the model's
     structure, not its widths or the device."""
-    ready, step = _ready_steps(federation, client, state, device, 1)
+    ready, step = _ready_steps(federation, client, state, 1)
     counter = _OperatorCount()
     with counter:
         step(ready[0])
@@ -267,7 +267,7 @@ def bare_loop(federation, client: int, state, device: torch.device, count: int):
     """Milliseconds per micro-batch of forward + backward on ready micro-batches (no optimizer,
     no plan, no graphs), and on CUDA the host synchronisations one training micro-batch makes
     and where (file:line of the Python code that made each)."""
-    ready, step = _ready_steps(federation, client, state, device, count)
+    ready, step = _ready_steps(federation, client, state, count)
     step(ready[0])  # allocator and kernel caches warm
     began = time.perf_counter()
     for micro in ready:
@@ -295,7 +295,7 @@ def profile(federation, client: int, state, device: torch.device, count: int = 4
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    ready, step = _ready_steps(federation, client, state, device, count)
+    ready, step = _ready_steps(federation, client, state, count)
     step(ready[0])
     activities = [ProfilerActivity.CPU]
     if device.type == "cuda":
@@ -323,16 +323,14 @@ def profile(federation, client: int, state, device: torch.device, count: int = 4
     }
 
 
-def _ready_steps(federation, client: int, state, device: torch.device, count: int):
+def _ready_steps(federation, client: int, state, count: int):
     """``count`` micro-batches already on the device, and a forward + backward of one."""
     trainer, data = federation.trainer, federation.train_data(client)
     batches = plan(data, count, federation.cfg.train.batch_size, torch.Generator().manual_seed(1))
     data, batches = trainer._on_device(data, batches)
     federation.model.load_state(state, list(state))
     federation.model.train()
-    ready = [
-        {task: batches.batch(data, task, i, device) for task in batches.rows} for i in range(count)
-    ]
+    ready = [trainer._inputs(data, batches, i) for i in range(count)]
     model = federation.model
 
     def step(micro):
