@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import SMOKE_CONFIG
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from tapdist.checkpoint import load_state, save_state
 from tapdist.config import load_config
@@ -34,6 +35,34 @@ def test_gradients_reach_exactly_the_component_set(model):
         assert touched == set(model.component_names(task)), task
         frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
         assert not touched & frozen
+
+
+class _Operators(TorchDispatchMode):
+    """The names of the aten operators dispatched."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_backward_neither_zero_fills_index_gradients_nor_relays_parameter_gradients(model):
+    """In the encoders and gated layers, picking a path, a domain's samples or dropping the path
+    axis is a view whose gradient is a view, one stack or one cat, not a zero-filled tensor per
+    pick; a stacked LoRA's gradient reaches each parameter in its own layout, not copied
+    parameter by parameter. (The text-generation head's torch attention picks q, k and v.)"""
+    model.train()
+    for task in model.tasks:  # law_qa's batch holds two domains
+        model.zero_grad(set_to_none=True)
+        _, paths = model(task, batch_for(model, task))
+        with _Operators() as seen:
+            paths.square().sum().backward()
+        assert not {"select_backward", "slice_backward", "new_empty_strided"} & set(seen.names)
+    model.zero_grad(set_to_none=True)
+    model.eval()
 
 
 def test_components_follow_the_structure(model):
@@ -254,6 +283,19 @@ def test_stacked_lora_is_each_lora_on_its_own_path():
     rows = slice(1, 3)
     out = add_stacked_lora(base[:, rows], chosen, x[:, rows])
     torch.testing.assert_close(out, expected[:, rows])
+
+
+def test_stacked_lora_gradients_come_back_in_each_parameters_layout():
+    """The gradients ``autograd.grad`` returns (what a graphed step stores) already have the
+    parameters' strides, so neither the eager backward nor the graph copies them one by one."""
+    from tapdist.models.layers import add_stacked_lora
+
+    loras = [LoRA(6, 5, rank=2, alpha=4.0, dropout=0.0) for _ in range(3)]
+    x = torch.randn(3, 4, 6)
+    out = add_stacked_lora(torch.randn(3, 4, 5), loras, x)
+    params = [p for lora in loras for p in (lora.lora_A, lora.lora_B)]
+    grads = torch.autograd.grad(out.square().sum(), params)
+    assert [g.stride() for g in grads] == [p.stride() for p in params]
 
 
 def test_a_peft_lora_layer_adds_its_update_inside_the_matmul():

@@ -90,11 +90,31 @@ def add_stacked_lora(base: torch.Tensor, loras: Sequence[LoRA], x: torch.Tensor)
         low = (flat @ first.lora_A.T).reshape(-1, first.lora_A.shape[0])
         out = torch.addmm(base.reshape(-1, d_out), low, first.lora_B.T, alpha=first.scale)
     else:
-        a = torch.stack([lora.lora_A for lora in loras]).transpose(1, 2)
-        b = torch.stack([lora.lora_B for lora in loras]).transpose(1, 2)
+        a = _stacked([lora.lora_A for lora in loras]).transpose(1, 2)
+        b = _stacked([lora.lora_B for lora in loras]).transpose(1, 2)
         low = torch.bmm(flat, a)
         out = torch.baddbmm(base.reshape(paths, -1, d_out), low, b, alpha=first.scale)
     return out.view(base.shape)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """The identity, whose backward makes its gradient contiguous (one copy)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
+def _stacked(params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack(params)``, whose gradient reaches each parameter in its own layout. A
+    batched matmul reading the stack transposed returns its gradient transposed; unstacked as
+    it is, every parameter's slice would be copied on its own to match the parameter's strides.
+    """
+    return _ContiguousGrad.apply(torch.stack(params))
 
 
 @dataclass(frozen=True)
@@ -123,7 +143,7 @@ def adapted(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         module.scaling[name],
         module.lora_dropout[name],
     )
-    return add_stacked_lora(module.base_layer(x)[None], [lora], x[None])[0]
+    return add_stacked_lora(module.base_layer(x)[None], [lora], x[None]).squeeze(0)
 
 
 def stacked_adapted(base: nn.Linear, loras: Sequence[LoRA | None], x: torch.Tensor):
@@ -201,11 +221,10 @@ def domain_residual(
 
     if len(runs) == 1:  # the usual case: micro-batches are grouped by domain
         return x + expert_ffn(experts(runs[0][0]), x, frozen_fc1)
-    parts, start = [], 0
-    for index, count in runs:
-        rows = slice(start, start + count)
-        parts.append(expert_ffn(experts(index), x[:, rows], frozen_fc1[:, rows]))
-        start += count
+    # split, not sliced: the backward is one cat, not a zero-filled gradient per run
+    counts = [count for _, count in runs]
+    rows, fc1 = x.split(counts, dim=1), frozen_fc1.split(counts, dim=1)
+    parts = [expert_ffn(experts(index), r, f) for (index, _), r, f in zip(runs, rows, fc1)]
     return x + torch.cat(parts, dim=1)
 
 
@@ -261,7 +280,7 @@ def tower_layer(
     a = matmul_input(b.ln1(x))
     q, k, v = adapted(b.q, a)[None], b.k(a)[None], adapted(b.v, a)[None]
     out = b.o(_attention(q, k, v, key_mask, b.heads, attn_dropout))
-    x = x + _dropout(out[0], dropout)
+    x = x + _dropout(out.squeeze(0), dropout)
     return x + _dropout(b.fc2(b.act(b.fc1(b.ln2(x)))), dropout)
 
 
