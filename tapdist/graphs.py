@@ -144,7 +144,8 @@ class StepGraphs:
 
 def _laid_out_as(grad: torch.Tensor | None, param: torch.Tensor) -> torch.Tensor | None:
     """``grad`` with ``param``'s strides, as the eager backward stores a ``.grad`` (the fused
-    optimizers need it): a gradient of ``lora_A.T`` comes back transposed."""
+    optimizers need it). tapdist's own layers return their gradients laid out already (a
+    stacked LoRA's is made contiguous once per stack); this copies any other layer's."""
     if grad is None or grad.stride() == param.stride():
         return grad
     return torch.empty_like(param).copy_(grad)
