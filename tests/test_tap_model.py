@@ -62,7 +62,6 @@ def test_backward_neither_zero_fills_index_gradients_nor_relays_parameter_gradie
             paths.square().sum().backward()
         assert not {"select_backward", "slice_backward", "new_empty_strided"} & set(seen.names)
     model.zero_grad(set_to_none=True)
-    model.eval()
 
 
 def test_components_follow_the_structure(model):
