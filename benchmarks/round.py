@@ -26,6 +26,7 @@ import json
 import statistics
 import time
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -91,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"{describe(hardware())}\n")
     print(count_table(results) if args.count else table(results))
+    for result in results if args.count else []:
+        print(f"\n{operator_table(result)}")
     print(f"\nwrote {args.json}")
     return 0
 
@@ -191,24 +194,32 @@ _MATMULS = {
 class _OperatorCount(TorchDispatchMode):
     """Counts the aten operators dispatched, how many of them are views (no kernel), the casts
     between floating dtypes among them (autocast's, and their backward), and the bytes written
-    by the operators that are neither views nor matmuls (the memory-bound kernels)."""
+    by the operators that are neither views nor matmuls (the memory-bound kernels); and, per
+    non-view operator, its calls and the bytes it writes."""
 
     def __init__(self):
         super().__init__()
         self.total = self.views = self.casts = self.memory_bytes = 0
+        self.calls: Counter[str] = Counter()
+        self.written: Counter[str] = Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         self.total += 1
         self.views += func.is_view
+        if func.is_view:
+            return out
         name = func.overloadpacket.__name__
         if name == "_to_copy":
             to = kwargs.get("dtype")
             self.casts += args[0].is_floating_point() and to is not None and to != args[0].dtype
-        if not func.is_view and name not in _MATMULS:
-            written = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
-            self.memory_bytes += sum(t.numel() * t.element_size() for t in written)
+        outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        written = sum(t.numel() * t.element_size() for t in outputs)
+        self.calls[name] += 1
+        self.written[name] += written
+        if name not in _MATMULS:
+            self.memory_bytes += written
         return out
 
 
@@ -226,6 +237,14 @@ def count_operators(federation, client: int, state, device: torch.device) -> dic
         "views": counter.views,
         "casts": counter.casts,
         "memory_bound_mb_written": counter.memory_bytes / 2**20,
+        "by_operator": {  # non-view operators, the most bytes written first
+            name: {
+                "calls": counter.calls[name],
+                "mb_written": written / 2**20,
+                "matmul": name in _MATMULS,
+            }
+            for name, written in sorted(counter.written.items(), key=lambda kv: -kv[1])
+        },
     }
 
 
@@ -260,6 +279,16 @@ def count_table(results: list[dict]) -> str:
             f"| {ops['views']} | {ops['total'] - ops['views']} | {ops['casts']} "
             f"| {ops['memory_bound_mb_written']:.0f} |"
         )
+    return "\n".join(rows)
+
+
+def operator_table(result: dict, top: int = 12) -> str:
+    """The memory-bound operators of one ``--count`` result that write the most bytes."""
+    head = "| operator | calls | MB written |"
+    rows = [f"{Path(result['config']).stem}, {result['amp']}:", head, _rule(head)]
+    ops = result["operators_per_micro_batch"]["by_operator"]
+    bound = [(name, op) for name, op in ops.items() if not op["matmul"]][:top]
+    rows += [f"| `{name}` | {op['calls']} | {op['mb_written']:.0f} |" for name, op in bound]
     return "\n".join(rows)
 
 

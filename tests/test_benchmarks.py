@@ -218,6 +218,11 @@ def test_round_count_counts_a_micro_batch_without_timing_it(tmp_path):
         ops = row["operators_per_micro_batch"]
         assert row["tflop_per_micro_batch"] > 0 and 0 < ops["views"] < ops["total"]
         assert ops["memory_bound_mb_written"] > 0
+        by_operator = ops["by_operator"]  # the non-view operators, one by one
+        assert sum(op["calls"] for op in by_operator.values()) == ops["total"] - ops["views"]
+        bound = sum(op["mb_written"] for op in by_operator.values() if not op["matmul"])
+        assert bound == pytest.approx(ops["memory_bound_mb_written"])
+        assert by_operator["mm"]["matmul"] and not by_operator["add"]["matmul"]
     # fp32 casts nothing; bf16 casts matmul inputs and trainable weights
     assert fp32["operators_per_micro_batch"]["casts"] == 0
     assert bf16["operators_per_micro_batch"]["casts"] > 0
