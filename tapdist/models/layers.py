@@ -101,8 +101,12 @@ class _ContiguousGrad(torch.autograd.Function):
     """The identity, whose backward makes its gradient contiguous (one copy)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+    def forward(x: torch.Tensor) -> torch.Tensor:
         return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
@@ -113,6 +117,8 @@ def _stacked(params: Sequence[torch.Tensor]) -> torch.Tensor:
     """``torch.stack(params)``, whose gradient reaches each parameter in its own layout. A
     batched matmul reading the stack transposed returns its gradient transposed; unstacked as
     it is, every parameter's slice would be copied on its own to match the parameter's strides.
+    A parameter's first ``.grad`` is then its slice of the stack's gradient (a view, kept as it
+    is), so the stacked parameters' gradients share one buffer.
     """
     return _ContiguousGrad.apply(torch.stack(params))
 

@@ -250,8 +250,8 @@ class TapModel(nn.Module):
                 names = first or [name for name, _ in chosen]
                 x = attend([blocks[name].layers[layer] for name in names], x, mask, runs)
                 if len(names) < len(paths):  # the paths that share a start part here
-                    starts_out = x.unbind()  # one stack in backward, not a zero-fill per path
-                    x = torch.stack([starts_out[start] for start in fan])  # no index to upload
+                    per_start = x.unbind()  # one stack in backward, not a zero-fill per path
+                    x = torch.stack([per_start[start] for start in fan])  # no index to upload
                 first = None
                 x = feed_forward([experts[layer][a][b] for _, (a, b) in chosen], x)
         return x
