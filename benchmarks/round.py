@@ -92,8 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"{describe(hardware())}\n")
     print(count_table(results) if args.count else table(results))
-    for result in results if args.count else []:
-        print(f"\n{operator_table(result)}")
+    if args.count:
+        for result in results:
+            print(f"\n{operator_table(result)}")
     print(f"\nwrote {args.json}")
     return 0
 
@@ -191,15 +192,20 @@ _MATMULS = {
 }
 
 
+#: operators that only allocate: they launch no kernel and write nothing
+_ALLOCATIONS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"}
+
+
 class _OperatorCount(TorchDispatchMode):
-    """Counts the aten operators dispatched, how many of them are views (no kernel), the casts
-    between floating dtypes among them (autocast's, and their backward), and the bytes written
-    by the operators that are neither views nor matmuls (the memory-bound kernels); and, per
-    non-view operator, its calls and the bytes it writes."""
+    """Counts the aten operators dispatched, how many of them are views (no kernel) and
+    allocations (no kernel either), the casts between floating dtypes among them (autocast's,
+    and their backward), and the bytes written by the operators that are none of views,
+    allocations and matmuls (the memory-bound kernels); and, per non-view operator, its calls
+    and the bytes its outputs hold."""
 
     def __init__(self):
         super().__init__()
-        self.total = self.views = self.casts = self.memory_bytes = 0
+        self.total = self.views = self.allocations = self.casts = self.memory_bytes = 0
         self.calls: Counter[str] = Counter()
         self.written: Counter[str] = Counter()
 
@@ -218,15 +224,16 @@ class _OperatorCount(TorchDispatchMode):
         written = sum(t.numel() * t.element_size() for t in outputs)
         self.calls[name] += 1
         self.written[name] += written
-        if name not in _MATMULS:
+        self.allocations += name in _ALLOCATIONS
+        if name not in _MATMULS and name not in _ALLOCATIONS:
             self.memory_bytes += written
         return out
 
 
 def count_operators(federation, client: int, state, device: torch.device) -> dict:
     """aten operators of one forward + backward micro-batch: what the host dispatches (each
-    non-view one launches at least one kernel on a GPU). The count depends on the model's
-    structure, not its widths or the device."""
+    one that is neither a view nor an allocation launches at least one kernel on a GPU). The
+    count depends on the model's structure, not its widths or the device."""
     ready, step = _ready_steps(federation, client, state, 1)
     counter = _OperatorCount()
     with counter:
@@ -235,13 +242,20 @@ def count_operators(federation, client: int, state, device: torch.device) -> dic
     return {
         "total": counter.total,
         "views": counter.views,
+        "allocations": counter.allocations,
         "casts": counter.casts,
         "memory_bound_mb_written": counter.memory_bytes / 2**20,
-        "by_operator": {  # non-view operators, the most bytes written first
+        "by_operator": {  # non-view operators, the largest outputs first
             name: {
                 "calls": counter.calls[name],
-                "mb_written": written / 2**20,
-                "matmul": name in _MATMULS,
+                "mb_written": written / 2**20,  # an allocation's: allocated, not written
+                "kind": (
+                    "matmul"
+                    if name in _MATMULS
+                    else "allocation"
+                    if name in _ALLOCATIONS
+                    else "memory-bound"
+                ),
             }
             for name, written in sorted(counter.written.items(), key=lambda kv: -kv[1])
         },
@@ -267,16 +281,17 @@ def counted(federation, cfg, args, amp: str) -> dict:
 
 def count_table(results: list[dict]) -> str:
     head = (
-        "| config | client | amp | batch | GFLOP/mb | operators | views | non-view | casts "
-        "| memory-bound MB written |"
+        "| config | client | amp | batch | GFLOP/mb | operators | views | allocations "
+        "| kernel operators | casts | memory-bound MB written |"
     )
     rows = [head, _rule(head)]
     for r in results:
         ops = r["operators_per_micro_batch"]
+        kernels = ops["total"] - ops["views"] - ops["allocations"]
         rows.append(
             f"| {Path(r['config']).stem} | {r['client']} ({'+'.join(r['tasks'])}) | {r['amp']} "
             f"| {r['batch_size']} | {1e3 * r['tflop_per_micro_batch']:.1f} | {ops['total']} "
-            f"| {ops['views']} | {ops['total'] - ops['views']} | {ops['casts']} "
+            f"| {ops['views']} | {ops['allocations']} | {kernels} | {ops['casts']} "
             f"| {ops['memory_bound_mb_written']:.0f} |"
         )
     return "\n".join(rows)
@@ -287,7 +302,7 @@ def operator_table(result: dict, top: int = 12) -> str:
     head = "| operator | calls | MB written |"
     rows = [f"{Path(result['config']).stem}, {result['amp']}:", head, _rule(head)]
     ops = result["operators_per_micro_batch"]["by_operator"]
-    bound = [(name, op) for name, op in ops.items() if not op["matmul"]][:top]
+    bound = [(name, op) for name, op in ops.items() if op["kind"] == "memory-bound"][:top]
     rows += [f"| `{name}` | {op['calls']} | {op['mb_written']:.0f} |" for name, op in bound]
     return "\n".join(rows)
 

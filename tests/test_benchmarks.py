@@ -208,21 +208,33 @@ def test_round_times_a_tap_client_round_and_counts_its_flops(tmp_path):
     assert 0 < ops["views"] < ops["total"]
 
 
-def test_round_count_counts_a_micro_batch_without_timing_it(tmp_path):
+def test_round_count_counts_a_micro_batch_without_timing_it(tmp_path, capsys):
     out = tmp_path / "count.json"
     args = ["--config", FLAVA, "--tiny", "--count", "--device", "cpu", "--amp", "bf16", "off"]
     assert round_bench.main([*args, "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "paper_flava, bf16:\n| operator | calls | MB written |" in printed
+    assert "| `add` |" in printed and "| `mm` |" not in printed  # memory-bound ones only
     bf16, fp32 = json.loads(out.read_text())["results"]
     assert (bf16["amp"], fp32["amp"]) == ("bf16", "fp32") and "round_s" not in bf16
     for row in (bf16, fp32):
         ops = row["operators_per_micro_batch"]
         assert row["tflop_per_micro_batch"] > 0 and 0 < ops["views"] < ops["total"]
         assert ops["memory_bound_mb_written"] > 0
-        by_operator = ops["by_operator"]  # the non-view operators, one by one
+        by_operator = ops["by_operator"]  # the non-view operators, the largest outputs first
         assert sum(op["calls"] for op in by_operator.values()) == ops["total"] - ops["views"]
-        bound = sum(op["mb_written"] for op in by_operator.values() if not op["matmul"])
-        assert bound == pytest.approx(ops["memory_bound_mb_written"])
-        assert by_operator["mm"]["matmul"] and not by_operator["add"]["matmul"]
+        sizes = [op["mb_written"] for op in by_operator.values()]
+        assert sizes == sorted(sizes, reverse=True)
+        kinds = {name: op["kind"] for name, op in by_operator.items()}
+        assert (kinds["mm"], kinds["add"], kinds["empty_like"]) == (
+            "matmul",
+            "memory-bound",
+            "allocation",  # the CPU's dropout allocates its mask, then fills it
+        )
+        allocations = [op["calls"] for op in by_operator.values() if op["kind"] == "allocation"]
+        assert sum(allocations) == ops["allocations"] > 0
+        bound = [op["mb_written"] for op in by_operator.values() if op["kind"] == "memory-bound"]
+        assert sum(bound) == pytest.approx(ops["memory_bound_mb_written"])
     # fp32 casts nothing; bf16 casts matmul inputs and trainable weights
     assert fp32["operators_per_micro_batch"]["casts"] == 0
     assert bf16["operators_per_micro_batch"]["casts"] > 0
