@@ -196,16 +196,21 @@ _MATMULS = {
 _ALLOCATIONS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"}
 
 
+def _kind(name: str) -> str:
+    """What an operator that is not a view does: a matmul, an allocation or memory-bound work."""
+    if name in _MATMULS:
+        return "matmul"
+    return "allocation" if name in _ALLOCATIONS else "memory-bound"
+
+
 class _OperatorCount(TorchDispatchMode):
-    """Counts the aten operators dispatched, how many of them are views (no kernel) and
-    allocations (no kernel either), the casts between floating dtypes among them (autocast's,
-    and their backward), and the bytes written by the operators that are none of views,
-    allocations and matmuls (the memory-bound kernels); and, per non-view operator, its calls
-    and the bytes its outputs hold."""
+    """Counts the aten operators dispatched, how many of them are views (no kernel), the casts
+    between floating dtypes among them (autocast's, and their backward), and per operator that
+    is not a view its calls and the bytes its outputs hold."""
 
     def __init__(self):
         super().__init__()
-        self.total = self.views = self.allocations = self.casts = self.memory_bytes = 0
+        self.total = self.views = self.casts = 0
         self.calls: Counter[str] = Counter()
         self.written: Counter[str] = Counter()
 
@@ -221,44 +226,40 @@ class _OperatorCount(TorchDispatchMode):
             to = kwargs.get("dtype")
             self.casts += args[0].is_floating_point() and to is not None and to != args[0].dtype
         outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
-        written = sum(t.numel() * t.element_size() for t in outputs)
         self.calls[name] += 1
-        self.written[name] += written
-        self.allocations += name in _ALLOCATIONS
-        if name not in _MATMULS and name not in _ALLOCATIONS:
-            self.memory_bytes += written
+        self.written[name] += sum(t.numel() * t.element_size() for t in outputs)
         return out
 
 
 def count_operators(federation, client: int, state, device: torch.device) -> dict:
     """aten operators of one forward + backward micro-batch: what the host dispatches (each
-    one that is neither a view nor an allocation launches at least one kernel on a GPU). The
-    count depends on the model's structure, not its widths or the device."""
+    one that is neither a view nor an allocation launches at least one kernel on a GPU), and
+    the bytes written by the memory-bound ones (an allocation writes nothing). The count
+    depends on the model's structure, not its widths or the device."""
     ready, step = _ready_steps(federation, client, state, 1)
     counter = _OperatorCount()
     with counter:
         step(ready[0])
     federation.model.zero_grad(set_to_none=True)
+    by_operator = {  # the operators that are not views, the largest outputs first
+        name: {
+            "calls": counter.calls[name],
+            "mb_written": written / 2**20,  # an allocation's: allocated, not written
+            "kind": _kind(name),
+        }
+        for name, written in sorted(counter.written.items(), key=lambda kv: -kv[1])
+    }
     return {
         "total": counter.total,
         "views": counter.views,
-        "allocations": counter.allocations,
+        "allocations": sum(
+            op["calls"] for op in by_operator.values() if op["kind"] == "allocation"
+        ),
         "casts": counter.casts,
-        "memory_bound_mb_written": counter.memory_bytes / 2**20,
-        "by_operator": {  # non-view operators, the largest outputs first
-            name: {
-                "calls": counter.calls[name],
-                "mb_written": written / 2**20,  # an allocation's: allocated, not written
-                "kind": (
-                    "matmul"
-                    if name in _MATMULS
-                    else "allocation"
-                    if name in _ALLOCATIONS
-                    else "memory-bound"
-                ),
-            }
-            for name, written in sorted(counter.written.items(), key=lambda kv: -kv[1])
-        },
+        "memory_bound_mb_written": sum(
+            op["mb_written"] for op in by_operator.values() if op["kind"] == "memory-bound"
+        ),
+        "by_operator": by_operator,
     }
 
 
