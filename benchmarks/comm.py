@@ -54,6 +54,7 @@ from tapdist.dist import init_context
 from tapdist.fl.aggregate import (
     FlatLayout,
     RoundBuffer,
+    Workspace,
     accumulate,
     accumulation_dtype,
     all_reduce_round,
@@ -262,10 +263,10 @@ def measure(ctx, work: Round, dtype: str, warmup: int, repeats: int) -> dict:
     """Median seconds of each phase of the union path and of a raw all_reduce of the bytes the
     union path put on the wire."""
     phases: dict[str, list[float]] = {k: [] for k in ("pack", "all_reduce", "finalize", "raw")}
-    union, raw = [], None
+    union, raw, workspace = [], None, Workspace()
     for i in range(warmup + repeats):
         ctx.barrier("comm benchmark: union")
-        sent, times = union_round(ctx, work, dtype)
+        sent, times = union_round(ctx, work, dtype, workspace)
         if raw is None:
             size = _TORCH_DTYPE[dtype].itemsize
             raw = torch.zeros(sent // size, dtype=_TORCH_DTYPE[dtype], device=ctx.device)
@@ -283,13 +284,14 @@ def measure(ctx, work: Round, dtype: str, warmup: int, repeats: int) -> dict:
     )
 
 
-def union_round(ctx, work: Round, dtype: str) -> tuple[int, dict[str, float]]:
-    """The round loop's aggregation: pack this rank's uploads, one all_reduce, average.
-    Returns the bytes put on the wire and the seconds of each phase."""
+def union_round(ctx, work: Round, dtype: str, workspace: Workspace) -> tuple[int, dict[str, float]]:
+    """The round loop's aggregation: pack this rank's uploads, one all_reduce, average (the
+    buffer in memory reused round after round, as the loop's). Returns the bytes put on the
+    wire and the seconds of each phase."""
     deltas = sends_deltas(dtype)
     t0 = _clock(ctx)
     buf = RoundBuffer.zeros(
-        work.layout, len(work.sampled), work.stats, ctx.device, accumulation_dtype(dtype)
+        work.layout, len(work.sampled), work.stats, ctx.device, accumulation_dtype(dtype), workspace
     )
     for upload, weight in work.uploads:
         accumulate(buf, upload, weight, work.state if deltas else None)

@@ -7,6 +7,7 @@ from tapdist.dist import SingleProcessContext
 from tapdist.fl.aggregate import (
     FlatLayout,
     RoundBuffer,
+    Workspace,
     accumulate,
     all_reduce_round,
     finalize,
@@ -162,3 +163,43 @@ def test_a_round_restricted_to_its_clients_tensors_gives_the_same_state():
     assert all(torch.equal(results[0][n], results[1][n]) for n in shapes)
     with pytest.raises(KeyError, match="not tensors of the union model"):
         full.restrict({"zzz"})
+
+
+@pytest.mark.parametrize(
+    "dtype, deltas", [(torch.float64, False), (torch.float32, False), (torch.float32, True)]
+)
+def test_rounds_sharing_a_workspace_average_exactly_and_keep_their_states(dtype, deltas):
+    """Buffers carved from one workspace, round after round, give the bits of value / count
+    (old + value / count with deltas), and no returned tensor shares the workspace's memory."""
+    gen = torch.Generator().manual_seed(5)
+    shapes = {"a": (3, 2), "b": (40,), "c": (2, 2)}
+    full, workspace, rounds = FlatLayout.from_shapes(shapes), Workspace(), []
+    for names in ({"a", "b", "c"}, {"c"}, {"a", "b"}):  # smaller, then larger again
+        layout = full.restrict(names)
+        old = {n: torch.randn(shapes[n], generator=gen) for n in layout.names}
+        uploads = [
+            (w, {n: torch.randn(shapes[n], generator=gen) for n in layout.names}) for w in (3, 8)
+        ]
+        buf = RoundBuffer.zeros(layout, 2, 1, dtype=dtype, workspace=workspace)
+        for weight, state in uploads:
+            accumulate(buf, state, weight, old if deltas else None)
+        new = finalize(buf, old, deltas)
+        for name in layout.names:  # the sum a fresh zero buffer holds, then value / count
+            total = torch.zeros(shapes[name], dtype=dtype)
+            for weight, state in uploads:
+                update = state[name].to(dtype) - (old[name].to(dtype) if deltas else 0)
+                total.add_(update, alpha=weight)
+            avg = total / sum(weight for weight, _ in uploads)
+            expected = (old[name].to(dtype) + avg if deltas else avg).to(torch.float32)
+            assert new[name].dtype == torch.float32 and torch.equal(new[name], expected)
+        rounds.append((new, {n: t.clone() for n, t in new.items()}))
+    for new, as_returned in rounds:  # later rounds reused the memory: nothing moved
+        assert all(torch.equal(new[n], as_returned[n]) for n in new)
+
+
+def test_a_workspace_reuses_its_memory_until_a_round_needs_more():
+    workspace = Workspace()
+    first = workspace.take(10, torch.float64, "cpu")
+    assert workspace.take(4, torch.float64, "cpu").data_ptr() == first.data_ptr()
+    assert workspace.take(11, torch.float64, "cpu").numel() == 11  # grown
+    assert workspace.take(11, torch.float32, "cpu").dtype == torch.float32

@@ -70,6 +70,28 @@ class FlatLayout:
         return slice(self.offsets[i], self.offsets[i] + self.shapes[i].numel())
 
 
+class Workspace:
+    """Memory that every round's buffer is carved from, grown to the largest round so far.
+
+    A fresh host tensor of a few hundred MB costs a page fault per 4 kB page each time it is
+    first written, every round (on the CPU that is more than zeroing it); a GPU's caching
+    allocator reuses its memory by itself, so there the workspace only saves the allocator's
+    bookkeeping. The previous round's buffer must be spent when the next one is taken.
+    """
+
+    def __init__(self) -> None:
+        self._flat: torch.Tensor | None = None
+        self._kind: tuple[torch.dtype, torch.device | str] | None = None
+
+    def take(self, size: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+        """``size`` elements of the workspace's memory, uninitialised."""
+        if self._flat is None or self._flat.numel() < size or self._kind != (dtype, device):
+            self._flat = None  # the old memory goes back before the new is taken
+            self._flat = torch.empty(size, dtype=dtype, device=device)
+            self._kind = (dtype, device)
+        return self._flat[:size]
+
+
 @dataclass
 class RoundBuffer:
     """What one rank contributes to a round: weighted values, weights, and client statistics.
@@ -91,9 +113,15 @@ class RoundBuffer:
         n_stats: int,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        workspace: Workspace | None = None,
     ) -> RoundBuffer:
+        """A zeroed buffer; with a ``workspace``, carved from its memory (round after round)."""
         size = layout.numel + len(layout) + n_clients * n_stats
-        return cls(layout, torch.zeros(size, dtype=dtype, device=device), (n_clients, n_stats))
+        if workspace is None:
+            flat = torch.zeros(size, dtype=dtype, device=device)
+        else:
+            flat = workspace.take(size, dtype, device).zero_()
+        return cls(layout, flat, (n_clients, n_stats))
 
     @property
     def values(self) -> torch.Tensor:
@@ -135,15 +163,22 @@ def accumulate(
 
 def finalize(buf: RoundBuffer, old: State, deltas: bool = False) -> dict[str, torch.Tensor]:
     """The averaged union state: value/count where count > 0, the old tensor elsewhere.
-    With ``deltas`` the buffer holds weighted updates: old + value/count."""
+    With ``deltas`` the buffer holds weighted updates: old + value/count.
+
+    The new tensors never share the buffer's memory, and each costs one pass over its values:
+    in the tensor's own dtype the quotient is the new tensor; in another (fp64 accumulation of
+    fp32 weights) the values are divided in place and cast once, so the buffer's values are
+    spent afterwards. Counts and stats are left as they are.
+    """
     layout, new = buf.layout, {}
     counts = buf.counts.tolist()
     for i, name in enumerate(layout.names):
         if counts[i] > 0:
-            avg = buf.values[layout.span(name)].view(layout.shapes[i]) / counts[i]
+            values, dtype = buf.values[layout.span(name)].view(layout.shapes[i]), old[name].dtype
+            avg = values / counts[i] if values.dtype == dtype else values.div_(counts[i])
             if deltas:
-                avg = old[name].to(avg.dtype) + avg
-            new[name] = avg.to(old[name].dtype)
+                avg.add_(old[name])  # in the accumulation dtype, as old + value/count
+            new[name] = avg.to(dtype)
         else:
             new[name] = old[name]
     return new

@@ -27,6 +27,7 @@ from tapdist.evaluate import METRICS
 from tapdist.fl.aggregate import (
     FlatLayout,
     RoundBuffer,
+    Workspace,
     accumulate,
     accumulation_dtype,
     all_reduce_round,
@@ -70,6 +71,7 @@ class RoundLoop:
         self.keys = {c: _checked_keys(model, self.layout, c) for c in range(len(self.sizes))}
         self.stat_names = (*algorithm.metric_names, "train_s")
         self.deltas = sends_deltas(cfg.dist.transport_dtype)
+        self.workspace = Workspace()  # every round's buffer, in one block of memory
         self.metrics_path = metrics_path if topology.is_server(ctx.rank) else None
 
     def run(
@@ -187,6 +189,7 @@ class RoundLoop:
             len(self.stat_names),
             self.ctx.device,
             accumulation_dtype(self.cfg.dist.transport_dtype),
+            self.workspace,
         )
         mine = [(s, c) for s, c in enumerate(sampled) if self.topology.host_of[c] == self.ctx.rank]
         for i, (slot, client) in enumerate(mine, 1):
