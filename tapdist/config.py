@@ -169,7 +169,8 @@ class TrainConfig:
     cuda_graphs: str = option(
         "auto",
         "auto = on CUDA, capture each micro-batch shape's forward and backward as a CUDA graph "
-        "and replay it (same results, one launch); off = run every micro-batch eagerly",
+        "and replay it (one launch; the same results in fp32, within one bf16 rounding of a "
+        "gradient under bf16); off = run every micro-batch eagerly",
         choices=("auto", "off"),
     )
     eval_batch_size: int = option(64, "samples per evaluation batch", min=1)

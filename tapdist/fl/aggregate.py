@@ -1,13 +1,17 @@
 """TAP's sparse, weighted aggregation as one flat buffer and one collective.
 
-Every trainable tensor of the union (server) model has a fixed offset in a flat value buffer and
-one slot in a count buffer. A rank adds ``weight * value`` of each client it trained into the
-value buffer and ``weight`` into the count slots of the tensors that client holds; the buffers of
-all ranks are summed (one all_reduce); a tensor becomes ``value / count`` where its count is
+Every trainable tensor of the union (server) model has a fixed place in the union layout; a
+round's buffer lays out, in that order, the tensors its sampled clients hold (every rank derives
+the same set), with one count slot per tensor. A rank adds ``weight * value`` of each client it
+trained into the values (``weight * (value - global)`` with the bf16 wire) and ``weight`` into
+the count slots of the tensors that client holds; the buffers of all ranks are summed (one
+all_reduce; two with the bf16 wire); a tensor becomes ``value / count`` where its count is
 positive and keeps its old value elsewhere. Clients holding different subsets of the union is what
 makes the average sparse: each tensor is averaged over exactly the clients that hold it.
 
-Everything here is a pure function of tensors; the collective is the caller's.
+The layout, packing and averaging are functions of tensors; :func:`all_reduce_round` makes the
+collective through the caller's context, and a :class:`Workspace` keeps a buffer's memory from
+one round to the next.
 """
 
 from __future__ import annotations

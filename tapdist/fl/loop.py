@@ -2,7 +2,8 @@
 
 Per round, every rank derives the sampled clients from (seed, round), trains those it hosts
 through the algorithm's hooks, adds their uploads to a :class:`RoundBuffer`, and joins one
-all_reduce that carries the weighted values, the weights and the clients' metrics. Every rank
+all_reduce that carries the weighted values, the weights and the clients' metrics (with the bf16
+wire, a second small one carries the weights and metrics). Every rank
 then holds the same new global state; the server writes the round's metrics.
 
 After the rounds, every rank finishes the clients it hosts (the algorithm's post-FL stage, e.g.
