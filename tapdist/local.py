@@ -109,8 +109,7 @@ class LocalTrainer:
         model, cfg = self.model, self.cfg
         data, batches = self._on_device(data, batches)
         model.load_state(state, names)
-        params = dict(model.named_parameters())
-        trained = [params[n] for n in names]
+        trained = model.trainable_parameters(names)
         fused = self.device.type == "cuda"  # one kernel for the whole update
         optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=cfg.weight_decay, fused=fused)
         torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))

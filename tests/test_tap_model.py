@@ -141,6 +141,32 @@ def test_state_roundtrip_and_strict_keys(model, tmp_path):
     assert set(names) <= set(model.trainable_names())
 
 
+def test_states_reach_the_parameters_in_place_after_a_conversion_replaced_them():
+    """Trainable parameters are looked up by name once; a conversion or an assigning
+    ``load_state_dict`` that puts new parameter objects in place makes the model look again."""
+    model = build_union_model(load_config(SMOKE_CONFIG, []))
+    names = model.client_names(["news"])
+    assert all(
+        p is model.get_parameter(n) for n, p in zip(names, model.trainable_parameters(names))
+    )
+    overwrite = torch.__future__.get_overwrite_module_params_on_conversion()
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    try:
+        model.to(torch.float64)  # new parameter objects, not new data in the old ones
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(overwrite)
+    state = {n: torch.full_like(t, 0.25) for n, t in model.get_state(names).items()}
+    model.load_state(state, names)
+    assert all(torch.equal(model.get_parameter(n), state[n]) for n in names)
+    model.load_state_dict(
+        {k: v.float().clone() for k, v in model.state_dict().items()}, assign=True
+    )
+    trained = model.trainable_parameters(names)
+    assert all(
+        p is model.get_parameter(n) and p.dtype == torch.float32 for n, p in zip(names, trained)
+    )
+
+
 def test_model_info_reports_server_and_clients(smoke_config):
     from tapdist.info import model_info
 

@@ -10,7 +10,8 @@ same resident module runs any client once that client's state is loaded into it
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import functools
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -182,6 +183,7 @@ class TapModel(nn.Module):
         self.shared_proj = nn.Linear(hidden, hidden)
         self._build_gated(bases[:n], bases[n:])
         self.heads = nn.ModuleDict({t.name: self._head(t, backbone) for t in self.tasks.values()})
+        self.register_load_state_dict_post_hook(_forget_parameters_after_load)
 
     def _build_gated(self, mote_bases, mome_bases) -> None:
         used = [
@@ -262,9 +264,30 @@ class TapModel(nn.Module):
 
     # --- trainable state -----------------------------------------------------------------------
 
+    @functools.cached_property
+    def _trainable(self) -> dict[str, nn.Parameter]:
+        """The trainable parameters by name, in the union order. Which ones are trainable is
+        fixed when the model is built; a client's state is loaded and read back by these names
+        several times per client-round, and walking the module tree for them each time cost a
+        fifth of a small client's round."""
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+    def _forget_parameters(self) -> None:
+        self.__dict__.pop("_trainable", None)
+
+    def _apply(self, fn, recurse=True):
+        self._forget_parameters()  # a conversion (``.to``, ...) may replace parameter objects
+        return super()._apply(fn, recurse)
+
     def trainable_names(self) -> list[str]:
         """Every trainable tensor of the union model, in a fixed order."""
-        return [n for n, p in self.named_parameters() if p.requires_grad]
+        return list(self._trainable)
+
+    def trainable_parameters(self, names: Iterable[str]) -> list[nn.Parameter]:
+        """The resident parameters ``names`` name (trainable tensors of the union model)."""
+        names = list(names)
+        _check_names(names, self._trainable)
+        return [self._trainable[n] for n in names]
 
     def component_names(self, task: str) -> list[str]:
         """The trainable tensors task ``task``'s forward touches, from the structure alone."""
@@ -288,21 +311,20 @@ class TapModel(nn.Module):
 
     def get_state(self, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
         """Detached copies of the named trainable tensors (all of them by default)."""
-        params = dict(self.named_parameters())
-        names = self.trainable_names() if names is None else list(names)
-        _check_names(names, self.trainable_names())
+        params = self._trainable
+        names = list(params) if names is None else list(names)
+        _check_names(names, params)
         return {n: params[n].detach().clone() for n in names}
 
     def load_state(self, state: Mapping[str, torch.Tensor], names: Iterable[str]) -> None:
         """Copy ``state`` into the resident module; its keys must be exactly ``names``."""
-        names = list(names)
-        _check_names(names, self.trainable_names())
+        names, params = list(names), self._trainable
+        _check_names(names, params)
         missing, unexpected = set(names) - set(state), set(state) - set(names)
         if missing or unexpected:
             raise KeyError(
                 f"state does not match: missing {sorted(missing)}, unexpected {sorted(unexpected)}"
             )
-        params = dict(self.named_parameters())
         with torch.no_grad():
             for n in names:
                 params[n].copy_(state[n])
@@ -337,7 +359,12 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return (x * weights).sum(dim=-2) / weights.sum(dim=-2).clamp_min(1.0)
 
 
-def _check_names(names: list[str], known: list[str]) -> None:
-    unknown = sorted(set(names) - set(known))
+def _forget_parameters_after_load(model: TapModel, incompatible_keys) -> None:
+    """After ``load_state_dict``: with ``assign=True`` it put new parameter objects in place."""
+    model._forget_parameters()
+
+
+def _check_names(names: list[str], known: Collection[str]) -> None:
+    unknown = sorted(n for n in set(names) if n not in known)
     if unknown:
         raise KeyError(f"not trainable tensors of the union model: {unknown}")
