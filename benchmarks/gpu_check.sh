@@ -7,8 +7,9 @@
 #
 # Writes OUT_DIR/tests.log, OUT_DIR/round-CONFIG.json and OUT_DIR/agreement.txt (the smoke runs
 # themselves go to a temporary folder). Each step has its own time limit so a slow one cannot
-# starve the rest; the whole script needs at most 9 minutes (one device call). Give the device
-# back as soon as it ends: an idle machine still counts.
+# starve the rest: 10 min 15 s if every step ran into its limit, about 5.5 min in the runs so
+# far, so one device call of 600 s holds it. Give the device back as soon as it ends: an idle
+# machine still counts.
 set -uo pipefail
 declare -A limits
 out=${1:?usage: benchmarks/gpu_check.sh OUT_DIR [round options]}
