@@ -285,9 +285,9 @@ class TapModel(nn.Module):
 
     def trainable_parameters(self, names: Iterable[str]) -> list[nn.Parameter]:
         """The resident parameters ``names`` name (trainable tensors of the union model)."""
-        names = list(names)
-        _check_names(names, self._trainable)
-        return [self._trainable[n] for n in names]
+        names, params = list(names), self._trainable
+        _check_names(names, params)
+        return [params[n] for n in names]
 
     def component_names(self, task: str) -> list[str]:
         """The trainable tensors task ``task``'s forward touches, from the structure alone."""
@@ -311,23 +311,21 @@ class TapModel(nn.Module):
 
     def get_state(self, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
         """Detached copies of the named trainable tensors (all of them by default)."""
-        params = self._trainable
-        names = list(params) if names is None else list(names)
-        _check_names(names, params)
-        return {n: params[n].detach().clone() for n in names}
+        names = self.trainable_names() if names is None else list(names)
+        return {n: p.detach().clone() for n, p in zip(names, self.trainable_parameters(names))}
 
     def load_state(self, state: Mapping[str, torch.Tensor], names: Iterable[str]) -> None:
         """Copy ``state`` into the resident module; its keys must be exactly ``names``."""
-        names, params = list(names), self._trainable
-        _check_names(names, params)
+        names = list(names)
+        params = self.trainable_parameters(names)
         missing, unexpected = set(names) - set(state), set(state) - set(names)
         if missing or unexpected:
             raise KeyError(
                 f"state does not match: missing {sorted(missing)}, unexpected {sorted(unexpected)}"
             )
         with torch.no_grad():
-            for n in names:
-                params[n].copy_(state[n])
+            for n, param in zip(names, params):
+                param.copy_(state[n])
 
     def _block_prefixes(self, block: str, domains: Iterable[str]) -> set[str]:
         out = set()
