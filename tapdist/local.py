@@ -111,7 +111,9 @@ class LocalTrainer:
         model.load_state(state, names)
         trained = model.trainable_parameters(names)
         fused = self.device.type == "cuda"  # one kernel for the whole update
-        optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=cfg.weight_decay, fused=fused)
+        optimizer = torch.optim.AdamW(  # elsewhere one operator per step over every tensor
+            trained, lr=lr, weight_decay=cfg.weight_decay, fused=fused, foreach=not fused
+        )
         torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
         sums = torch.zeros(len(batches.rows), device=self.device)
         model.train()

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from conftest import SMOKE_CONFIG
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tapdist.checkpoint import load_state, save_state
@@ -165,6 +168,37 @@ def test_states_reach_the_parameters_in_place_after_a_conversion_replaced_them()
     assert all(
         p is model.get_parameter(n) and p.dtype == torch.float32 for n, p in zip(names, trained)
     )
+
+
+def test_train_and_eval_leave_every_module_in_the_mode_and_call_their_own_train(model):
+    """TapModel.train sets the flags from a flat list: every module ends in the mode asked
+    for, whatever mix of flags it started from, and a submodule with its own ``train``
+    (transformers' models) is still called to set its subtree."""
+    own = [m for m in model.modules() if type(m).train is not nn.Module.train and m is not model]
+    calls = []
+    for module in own:  # a spy on the instance, still an override of the class's train
+        module.train = functools.partial(_spied_train, module, calls)
+    try:
+        generator = torch.Generator().manual_seed(0)
+        for mode in (True, False, True):
+            for module in model.modules():  # a mixed start
+                module.training = bool(torch.randint(2, (1,), generator=generator))
+            assert model.train(mode) is model
+            assert all(module.training is mode for module in model.modules())
+            model.eval()
+            assert not any(module.training for module in model.modules())
+        asked = (True, False, False, False, True, False)
+        assert calls == [(module, mode) for mode in asked for module in own]
+    finally:
+        for module in own:
+            del module.train
+    with pytest.raises(ValueError, match="boolean"):
+        model.train("yes")
+
+
+def _spied_train(module: nn.Module, calls: list, mode: bool = True) -> nn.Module:
+    calls.append((module, mode))
+    return type(module).train(module, mode)
 
 
 def test_model_info_reports_server_and_clients(smoke_config):

@@ -262,6 +262,44 @@ class TapModel(nn.Module):
         out, _ = self(task, batch)
         return self.heads[task].loss(out, batch)
 
+    # --- modes ---------------------------------------------------------------------------------
+
+    @functools.cached_property
+    def _mode_lists(self) -> tuple[tuple[nn.Module, ...], tuple[nn.Module, ...]]:
+        """The submodules whose flag :meth:`train` sets itself, and those whose class has its
+        own ``train`` (transformers' models), left to set their subtrees. The module tree is
+        fixed when the model is built."""
+        plain: dict[int, nn.Module] = {}
+        own: dict[int, nn.Module] = {}
+
+        def walk(module: nn.Module) -> None:
+            for child in module.children():
+                if id(child) in plain or id(child) in own:
+                    continue
+                if type(child).train is nn.Module.train:
+                    plain[id(child)] = child
+                    walk(child)
+                else:
+                    own[id(child)] = child
+
+        walk(self)
+        return tuple(plain.values()), tuple(own.values())
+
+    def train(self, mode: bool = True) -> TapModel:
+        """``nn.Module.train``, with the flags set from a flat list: the recursive walk through
+        ``nn.Module.__setattr__`` costs 2-6 ms on the union model (900 to 3,000 modules), and
+        each client-round switches modes several times. A submodule whose class overrides
+        ``train`` still gets its own call. ``eval()`` comes here too."""
+        if not isinstance(mode, bool):
+            raise ValueError("training mode is expected to be boolean")
+        plain, own = self._mode_lists
+        object.__setattr__(self, "training", mode)
+        for module in plain:
+            object.__setattr__(module, "training", mode)
+        for module in own:
+            module.train(mode)
+        return self
+
     # --- trainable state -----------------------------------------------------------------------
 
     @functools.cached_property
