@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # tapdist on one GPU, in one go: the GPU tests, the client-round benchmark of the paper settings
-# in bf16 with CUDA graphs against its eager baseline in the same process, and the smoke
-# federation on the GPU (fp32 and bf16, with graphs) against the CPU.
+# in bf16 with CUDA graphs against its eager baseline in the same process, the smoke federation
+# on the GPU (fp32 and bf16, with graphs) against the CPU, and last the device memory of 10 and
+# 100 virtual clients on the rank.
 #
 #   bash benchmarks/gpu_check.sh OUT_DIR [round benchmark options]
 #
-# Writes OUT_DIR/tests.log, OUT_DIR/round-CONFIG.json and OUT_DIR/agreement.txt (the smoke runs
-# themselves go to a temporary folder). Each step has its own time limit so a slow one cannot
-# starve the rest: 10 min 15 s if every step ran into its limit, about 5.5 min in the runs so
-# far, so one device call of 600 s holds it. Give the device back as soon as it ends: an idle
-# machine still counts.
+# Writes OUT_DIR/tests.log, OUT_DIR/round-CONFIG.json, OUT_DIR/agreement.txt and
+# OUT_DIR/clients-N.json (the smoke runs themselves go to a temporary folder). Each step has its
+# own time limit so a slow one cannot starve the rest: 12 min if every step ran into its limit,
+# about 5.5 min without the clients step in the runs so far, so one device call of 600 s holds
+# it. Give the device back as soon as it ends: an idle machine still counts.
 set -uo pipefail
 declare -A limits
 out=${1:?usage: benchmarks/gpu_check.sh OUT_DIR [round options]}
@@ -72,3 +73,9 @@ for name in ("cuda", "bf16"):
     print(f"cpu fp32 vs {name} (CUDA graphs on): {len(diffs)} metrics, max relative difference "
           f"{diffs[worst]:.2e} ({worst}: {base[worst]:.6g} vs {other[worst]:.6g})")
 EOF
+
+# last, so a slow run cannot cut the rest short: what clients keep on the device
+for n in 10 100; do
+    timeout 50 python -m benchmarks.clients --set dist.device=cuda --clients "$n" \
+        --json "$out/clients-$n.json" | tail -4 || echo "clients $n ended with status $?"
+done
