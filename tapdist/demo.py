@@ -11,6 +11,7 @@ comparison table is printed at the end.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -43,6 +44,10 @@ def demo(
 
         print(f"building the demo federation -> {federation}", file=sys.stderr, flush=True)
         build_federation(DEMO_SPEC, federation)
+    earlier = run_dir / "checkpoints"
+    if earlier.is_dir():  # the demo starts over; `tapdist train` would refuse to mix the runs
+        print(f"removing an earlier demo's checkpoints: {earlier}", file=sys.stderr, flush=True)
+        shutil.rmtree(earlier)
     command = local_torchrun_command(
         processes,
         [

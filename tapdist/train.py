@@ -135,6 +135,13 @@ def _prepare(cfg: Config, ctx: DistContext, run_dir: Path, resume: bool) -> tupl
     for client in topology.clients_of(ctx.rank):
         model.train_data(client)
         model.test_data(client)
+    if start is None and (earlier := checkpoints.newest()) is not None:
+        raise ConfigError(
+            f"{run_dir} holds the checkpoints of an earlier run (newest: {earlier.folder.name}), "
+            f"which a new run there would mix with its own; continue that run with `--resume "
+            f"{run_dir}`, start this one in another --run-dir, or delete {checkpoints.root} "
+            "to start over"
+        )
     return names, model, topology, checkpoints, start
 
 
@@ -181,7 +188,7 @@ def _run_algorithm(
     loop = RoundLoop(cfg, ctx, model, algorithm, topology, run_dir / "metrics.jsonl", name)
     first, state = 0, None
     if start is not None and index == start.algorithm_index:
-        first, state = _restore(start, algorithm, topology.clients_of(ctx.rank))
+        first, state = _restore(start, algorithm, topology.clients_of(ctx.rank), ctx.device)
     last = min(cfg.federation.rounds, first + budget[0])
     done = [first]
 
@@ -252,12 +259,13 @@ def _resume_point(
     return start
 
 
-def _restore(start: Checkpoint, algorithm, hosted) -> tuple[int, dict]:
-    """The checkpoint's round and global state, with the algorithm's state restored."""
+def _restore(start: Checkpoint, algorithm, hosted, device: torch.device) -> tuple[int, dict]:
+    """The checkpoint's round and global state (on ``device``, where a fresh run's starts),
+    with the algorithm's state restored."""
     algorithm.load_state_dict(start.manifest["algorithm_state"])
     for client, state in start.client_states(set(hosted)).items():
         algorithm.load_client_state(client, state)
-    return start.round, start.global_state()
+    return start.round, {n: t.to(device) for n, t in start.global_state().items()}
 
 
 def _trim_metrics(path: Path, names: list[str], start: Checkpoint) -> None:

@@ -13,10 +13,13 @@ import pytest
 import torch
 from conftest import SMOKE_CONFIG, TESTS, torchrun_command
 
-from tapdist.checkpoint import load_state, load_states
+from tapdist.checkpoint import load_state, load_states, save_states
 from tapdist.cli import main
 from tapdist.config import ConfigError, load_config
-from tapdist.train import train
+from tapdist.fl.checkpoints import Checkpoint
+from tapdist.models.federated import TapFederation
+from tapdist.registry import ALGORITHMS, load_builtins
+from tapdist.train import _restore, train
 
 DYING_PLUGIN = TESTS / "plugins" / "dying.py"
 PREEMPTED_PLUGIN = TESTS / "plugins" / "preempted.py"
@@ -81,11 +84,51 @@ def test_a_half_written_checkpoint_is_never_loaded(tmp_path, uninterrupted):
     assert_same_outcome(run_dir, uninterrupted)
 
 
+def test_client_files_of_ranks_the_job_did_not_have_are_never_read(tmp_path, uninterrupted):
+    """A checkpoint folder may hold files an earlier, larger job left there; only the files
+    of the ranks of the job that wrote the manifest count."""
+    run_dir = tmp_path / "run"
+    run_cli(run_dir, "--set", "run.rounds_per_job=2")
+    folder = run_dir / "checkpoints" / "0-tap-round000002"
+    assert json.loads((folder / "MANIFEST.json").read_text())["world_size"] == 1
+    kept = load_states(folder / "clients-rank0000.h5")
+    stray = {g: {k: torch.zeros_like(v) for k, v in s.items()} for g, s in kept.items() if s}
+    assert stray
+    save_states(folder / "clients-rank0001.h5", stray)
+    run_cli(run_dir, resume=True)
+    assert_same_outcome(run_dir, uninterrupted)
+
+
+def test_a_new_run_refuses_a_folder_holding_an_earlier_runs_checkpoints(tmp_path):
+    run_dir = tmp_path / "run"
+    run_cli(run_dir, "--set", "run.rounds_per_job=1")
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    with pytest.raises(ConfigError, match="holds the checkpoints of an earlier run"):
+        train(load_config(SMOKE_CONFIG, SETTINGS), run_dir)
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+def test_a_restored_global_state_lands_on_the_runs_device(tmp_path):
+    run_dir = tmp_path / "run"
+    run_cli(run_dir, "--set", "run.rounds_per_job=1")
+    cfg = load_config(SMOKE_CONFIG, SETTINGS)
+    folder = run_dir / "checkpoints" / "0-tap-round000001"
+    start = Checkpoint(folder, json.loads((folder / "MANIFEST.json").read_text()))
+    model = TapFederation(cfg, torch.device("cpu"))
+    load_builtins()
+    meta = torch.device("meta")  # stands in for a GPU: anything but where the file is read
+    _, state = _restore(start, ALGORITHMS.get("tap")(cfg, model), [0, 1], meta)
+    assert state and all(t.device == meta for t in state.values())
+
+
 def test_resuming_refuses_a_changed_config_and_a_run_without_checkpoints(tmp_path):
     run_dir = tmp_path / "run"
     run_cli(run_dir, "--set", "run.rounds_per_job=1")
     cfg = load_config(SMOKE_CONFIG, [*SETTINGS, "train.lr=0.01"])
     with pytest.raises(ConfigError, match=r"the config changed \(train.lr\)"):
+        train(cfg, run_dir, resume=True)
+    cfg = load_config(SMOKE_CONFIG, [*SETTINGS, "dist.transport_dtype=fp32"])
+    with pytest.raises(ConfigError, match=r"the config changed \(dist.transport_dtype\)"):
         train(cfg, run_dir, resume=True)
     with pytest.raises(ConfigError, match="no complete checkpoint"):
         train(load_config(SMOKE_CONFIG, SETTINGS), tmp_path / "empty", resume=True)

@@ -4,7 +4,9 @@ A checkpoint is a folder ``RUN_DIR/checkpoints/<i>-<algorithm>-round<NNNNNN>/`` 
 
 - ``global.h5``: the global state after that round (written by the server);
 - ``clients-rank<NNNN>.h5``: what the algorithm keeps for each client the rank hosts (TAP's
-  personal models and their last losses; Local's models), one group per client;
+  personal models and their last losses; Local's models), one group per client, written by
+  every rank (empty where it keeps nothing yet), so a file left by an earlier attempt at the
+  same folder is always replaced or, from a rank the job no longer has, never read;
 - ``MANIFEST.json``, written last by the server once every rank has written its file: the
   algorithm, the round, the algorithm's shared state, the results of algorithms the job already
   finished, and the resolved config.
@@ -37,6 +39,8 @@ MANIFEST = "MANIFEST.json"
 FORMAT = "tapdist-checkpoint"
 # sections whose values decide the numbers; a resumed run must not change them
 _FIXED = ("model", "federation", "train", "tap", "data")
+# and the keys of other sections that do (the averages' wire precision)
+_FIXED_KEYS = ("dist.transport_dtype",)
 
 
 @dataclass(frozen=True)
@@ -59,9 +63,13 @@ class Checkpoint:
         return load_state(self.folder / "global.h5")
 
     def client_states(self, clients: set[int]) -> dict[int, State]:
-        """What the algorithm kept for ``clients``, from every rank's file."""
+        """What the algorithm kept for ``clients``, from the files of the ranks of the job that
+        wrote the checkpoint."""
         out = {}
-        for path in sorted(self.folder.glob("clients-rank*.h5")):
+        for rank in range(self.manifest["world_size"]):
+            path = self.folder / f"clients-rank{rank:04d}.h5"
+            if not path.exists():  # written before every rank wrote its file
+                continue
             for group, state in load_states(path).items():
                 client = int(group.removeprefix("client_"))
                 if client in clients:
@@ -98,8 +106,7 @@ class Checkpointer:
         own = {f"client_{c}": algorithm.client_state(c) for c in hosted}
         if self.server:
             save_state(folder / "global.h5", state)
-        if any(own.values()):
-            save_states(folder / f"clients-rank{self.ctx.rank:04d}.h5", own)
+        save_states(folder / f"clients-rank{self.ctx.rank:04d}.h5", own)
         self.ctx.barrier(f"checkpoint after round {rounds_done}")
         if self.server:
             manifest = {
@@ -118,13 +125,19 @@ class Checkpointer:
 
     def latest(self) -> Checkpoint | None:
         """The newest complete checkpoint, checked against this run's config."""
+        newest = self.newest()
+        if newest is not None:
+            self._check_config(newest.folder, newest.manifest["config"])
+        return newest
+
+    def newest(self) -> Checkpoint | None:
+        """The newest complete checkpoint in the run folder, whatever run wrote it."""
         for folder in sorted(self.root.glob("*-round*"), key=_order, reverse=True):
             try:
                 manifest = json.loads((folder / MANIFEST).read_text())
             except (OSError, ValueError):
                 continue  # not complete: a crash before its manifest
             if manifest.get("format") == FORMAT:
-                self._check_config(folder, manifest["config"])
                 return Checkpoint(folder, manifest)
         return None
 
@@ -138,6 +151,10 @@ class Checkpointer:
         ]
         if saved["run"]["seed"] != now["run"]["seed"]:
             changed.append("run.seed")
+        for name in _FIXED_KEYS:
+            section, key = name.split(".")
+            if saved[section][key] != now[section][key]:
+                changed.append(name)
         if changed:
             raise ConfigError(
                 f"cannot resume from {folder}: the config changed ({', '.join(changed)}); "
