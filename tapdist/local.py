@@ -124,6 +124,10 @@ class LocalTrainer:
                 sums += self._step(data, batches, index, trained, extra, joint)
                 last = index + 1 == batches.length
                 if (index + 1) % cfg.accumulation == 0 or last:
+                    group = index % cfg.accumulation + 1
+                    if group < cfg.accumulation:  # a last, short group: the mean over its own
+                        grads = [p.grad for p in trained if p.grad is not None]
+                        torch._foreach_mul_(grads, cfg.accumulation / group)
                     if cfg.clip_norm > 0:
                         torch.nn.utils.clip_grad_norm_(trained, cfg.clip_norm)
                     optimizer.step()

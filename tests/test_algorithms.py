@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from conftest import SMOKE_CONFIG
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from tapdist.config import load_config
 from tapdist.distill import kd_loss, orthogonality_term
@@ -193,6 +194,39 @@ def test_orthogonality_is_zero_for_orthogonal_latents(federation):
     assert term(paths) == pytest.approx(0.5 * 0.5)
 
 
+def test_every_optimizer_step_takes_the_mean_gradient_of_its_own_micro_batches():
+    """3 micro-batches with accumulation 2: the second step's group is one micro-batch, and its
+    gradient is that micro-batch's, not half of it."""
+    settings = ["train.accumulation=2", "model.lora_dropout=0.0", "train.clip_norm=0"]
+    fed = TapFederation(load_config(SMOKE_CONFIG, settings), CPU)
+    client, trainer = 1, fed.trainer
+    names, data = fed.client_keys(client), fed.train_data(client)
+    batches = plan(data, 3, 8, generator(3))
+    state = fed.initial_substate(client)
+    stepped = []
+
+    def record(optimizer, args, kwargs):
+        stepped.append([p.grad.clone() for p in fed.model.trainable_parameters(names)])
+
+    hook = register_optimizer_step_pre_hook(record)  # every optimizer
+    try:
+        trainer.train(names, state, data, batches, 0.0, generator(4))  # lr 0: nothing moves
+    finally:
+        hook.remove()
+    fed.model.load_state(state, names)
+    fed.model.train()
+    params = fed.model.trainable_parameters(names)
+    own = []
+    for index in range(3):
+        fed.model.zero_grad(set_to_none=True)
+        trainer._micro_batch(data, batches, index, None, None)[0].backward()
+        own.append([p.grad.clone() for p in params])
+    means = [[(a + b) / 2 for a, b in zip(own[0], own[1])], own[2]]
+    assert len(stepped) == 2
+    for got, want in zip(stepped, means):
+        assert all(torch.allclose(g, w, rtol=1e-5, atol=1e-8) for g, w in zip(got, want))
+
+
 def test_bf16_autocast_trains_fp32_states(federation):
     cfg = load_config(SMOKE_CONFIG, ["train.amp=bf16"])
     from tapdist.local import LocalTrainer
@@ -244,6 +278,21 @@ def test_a_config_that_does_not_fit_its_federation_file_is_refused(smoke_file, o
     cfg = load_config(config, [f"data.path={smoke_file}", override])
     with pytest.raises(ConfigError, match=message):
         TapFederation(cfg, CPU)
+
+
+@pytest.mark.parametrize("source", ["synthetic", "hdf5"])
+def test_a_clients_weight_is_its_training_samples_over_all_its_tasks(source, smoke_file):
+    """The averaging weight (and placement) counts every task's samples: a synthetic
+    client's ``samples`` is per task."""
+    if source == "synthetic":
+        cfg = load_config(SMOKE_CONFIG, [])
+    else:
+        cfg = load_config(SMOKE_CONFIG.parent / "smoke_hdf5.yaml", [f"data.path={smoke_file}"])
+    fed = TapFederation(cfg, CPU)
+    assert any(len(c.tasks) > 1 for c in fed.clients())
+    for client in fed.clients():
+        data = fed.train_data(client.id)
+        assert client.num_samples == sum(len(fields["domain"]) for fields in data.values())
 
 
 def test_a_federation_file_run_reads_its_tasks_and_splits(smoke_file):

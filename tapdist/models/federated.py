@@ -145,11 +145,13 @@ class TapFederation:
                 ClientSpec(c.id, c.tasks, sum(c.train.values()), sum(c.test.values()))
                 for c in meta.clients
             ]
+            self.sizes = [spec.samples for spec in self.specs]  # the file's totals
             self.text_len = meta.text_len
         else:
             self.file = None
             self.model = build_union_model(cfg, device)
             self.specs = parse_clients(cfg.data, list(self.model.tasks.values()))
+            self.sizes = [spec.samples * len(spec.tasks) for spec in self.specs]  # per task
             self.text_len = cfg.data.text_len
         self._check_text_len()
         self.trainer = LocalTrainer(self.model, cfg.train, self.device)
@@ -208,7 +210,8 @@ class TapFederation:
     # --- states -------------------------------------------------------------------------------
 
     def clients(self) -> list[ClientInfo]:
-        return [ClientInfo(c.id, c.samples, c.tasks) for c in self.specs]
+        """Every client with its training samples over all its tasks (its averaging weight)."""
+        return [ClientInfo(c.id, size, c.tasks) for c, size in zip(self.specs, self.sizes)]
 
     def task_kinds(self) -> dict[str, str]:
         return {name: t.kind for name, t in self.model.tasks.items()}
