@@ -18,8 +18,9 @@ from tapdist.data import DataError
 from tapdist.data.build import build_federation, build_from_spec
 from tapdist.data.builders import QUESTIONS, load_tokenizer, vqa_answer
 from tapdist.data.hdf5 import read_client, read_meta, task_fields, write_federation
+from tapdist.data.local import _image
 from tapdist.data.shipped import DIGIT_NAMES
-from tapdist.data.synthetic import RESERVED
+from tapdist.data.synthetic import RESERVED, make_task_data
 from tapdist.models.tap import TaskSpec
 from tapdist.resources import resolve
 
@@ -41,10 +42,17 @@ def _arrays(task: TaskSpec, n: int, rng: np.random.Generator) -> dict[str, np.nd
         "text": lambda: rng.integers(1, VOCAB, (n, TEXT_LEN), dtype=np.int32),
         "text_mask": lambda: np.ones((n, TEXT_LEN), np.uint8),
         "label": lambda: rng.integers(0, task.classes, n, dtype=np.int32),
-        "answer": lambda: np.full((n, ANSWER_LEN), -100, np.int32),
+        "answer": lambda: _answers(n, rng),
         "domain": lambda: rng.integers(0, len(task.domains), n, dtype=np.int32),
     }
     return {f: make[f]() for f in task_fields(task)}
+
+
+def _answers(n: int, rng: np.random.Generator) -> np.ndarray:
+    """Answers of one to ANSWER_LEN tokens, padded with -100."""
+    out = rng.integers(1, VOCAB, (n, ANSWER_LEN), dtype=np.int32)
+    out[np.arange(ANSWER_LEN) >= rng.integers(1, ANSWER_LEN + 1, (n, 1))] = -100
+    return out
 
 
 def _write(path: Path, clients_tasks=(("digits", "news"), ("rebuild", "vqa"))) -> list:
@@ -207,6 +215,19 @@ def test_write_rejects_bad_arrays(tmp_path: Path):
     client = {"digits": {"train": bad, "test": _arrays(TASKS[0], 2, rng)}}
     attrs = {"text_len": TEXT_LEN, "answer_len": ANSWER_LEN, "vocab_size": VOCAB}
     with pytest.raises(DataError, match=r"client 0/digits/train/label: values span \d+\.\.9"):
+        write_federation(tmp_path / "x.h5", attrs, TASKS, [client])
+    assert not list(tmp_path.iterdir())
+
+
+def test_write_rejects_an_empty_answer(tmp_path: Path):
+    rng = np.random.default_rng(0)
+    bad = _arrays(TASKS[3], 4, rng)
+    bad["answer"][2] = -100  # it would score as a perfect prediction and train on nothing
+    client = {"vqa": {"train": bad, "test": _arrays(TASKS[3], 2, rng)}}
+    attrs = {"text_len": TEXT_LEN, "answer_len": ANSWER_LEN, "vocab_size": VOCAB}
+    with pytest.raises(
+        DataError, match=r"vqa/train/answer: 1 answer\(s\) hold no token .*sample 2"
+    ):
         write_federation(tmp_path / "x.h5", attrs, TASKS, [client])
     assert not list(tmp_path.iterdir())
 
@@ -434,6 +455,58 @@ def test_hf_dataset_columns_and_readers_are_checked(tmp_path: Path):
         (folder / "train.parquet").write_bytes(b"PAR1")
         with pytest.raises(DataError, match=r"needs pyarrow \(pip install pyarrow\)"):
             build_from_spec(spec, tmp_path, tmp_path / "x.h5", progress=False)
+
+
+def test_hf_dataset_nulls_are_refused_not_made_into_a_class(tmp_path: Path):
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    rows = [{"text": f"review {i}", "label": [None, "pos", "neg"][i % 3]} for i in range(9)]
+    (folder / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    task = {"name": "t", "kind": "text_cls", "source": "hf_dataset", "path": "ds"}
+    task.update(text_field="text", label_field="label", domains=["web"])
+    spec = {"tokenizer": TOKENIZER, "tasks": [task], "clients": [{"tasks": ["t"], "train": 2}]}
+    with pytest.raises(DataError, match=r"column label holds 3 empty value\(s\) \(null\)"):
+        build_from_spec(spec, tmp_path, tmp_path / "x.h5", progress=False)
+
+
+def test_image_arrays_read_in_any_usual_layout_and_range():
+    rng = np.random.default_rng(0)
+    hwc = rng.integers(0, 256, (16, 16, 3))
+    want = _image(hwc.astype(np.uint8).tolist(), Path("."))
+    assert want.shape == (3, 64, 64)
+    assert np.array_equal(_image(hwc.transpose(2, 0, 1).tolist(), Path(".")), want)
+    assert np.array_equal(_image((hwc / 255.0).tolist(), Path(".")), want)  # floats in 0..1
+    assert np.array_equal(_image(hwc.astype(float).tolist(), Path(".")), want)  # in 0..255
+    gray = rng.integers(0, 256, (16, 16))
+    assert np.array_equal(_image(gray[None].tolist(), Path(".")), _image(gray, Path(".")))
+    with pytest.raises(DataError, match=r"an image array of shape \(2, 16, 16, 3\)"):
+        _image(np.zeros((2, 16, 16, 3)), Path("."))
+    with pytest.raises(DataError, match=r"pixels span -1\.\.255"):
+        _image(np.full((4, 4), 255) - np.eye(4, dtype=int) * 256, Path("."))
+
+
+def test_texts_cut_for_speed_keep_their_tokens_past_long_whitespace():
+    tok = load_tokenizer(str(resolve(TOKENIZER)))
+    text = " " * 600 + "the quick brown fox"
+    ids, _ = tok.texts([text], 32)
+    assert np.array_equal(ids, tok.texts(["the quick brown fox"], 32)[0])
+    answer = " " * 70 + "paris"
+    assert np.array_equal(tok.answers([answer], 4), tok.answers(["paris"], 4))
+
+
+def test_a_pool_part_too_small_for_a_client_is_named(tmp_path: Path):
+    task = {"name": "s", "kind": "image_cls", "source": "synthetic", "classes": 2, "pool": 1}
+    spec = {"seed": 0, "vocab_size": 100, "tasks": [{**task, "domains": ["d"]}]}
+    spec["clients"] = [{"tasks": ["s"], "train": 1, "test": 1}]
+    with pytest.raises(DataError, match="asks for 1 samples but the train part .* holds 0"):
+        build_from_spec(spec, tmp_path, tmp_path / "x.h5", progress=False)
+
+
+def test_short_synthetic_texts_keep_their_class_token():
+    task = TaskSpec("news", "text_cls", ("text",), ("d",), 4)
+    for length in (2, 3):
+        data = make_task_data(task, 2000, length, 100, 4, ["d"], (0,))
+        assert bool(data["text_mask"][:, 1].all())
 
 
 def test_an_arrays_file_builds_and_is_validated(tmp_path: Path):

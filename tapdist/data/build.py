@@ -106,7 +106,7 @@ def build_federation(spec_path: Path, out: Path, progress: bool = True) -> Feder
     if not spec_path.is_file():
         raise DataError(f"{spec_path}: build spec not found")
     try:
-        spec = yaml.safe_load(spec_path.read_text())
+        spec = yaml.safe_load(spec_path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         raise DataError(f"{spec_path}: not valid YAML: {err}") from None
     return _build(spec, spec_path.parent, Path(out), progress, str(spec_path))
@@ -382,7 +382,7 @@ def _check_labels(clients: list[ClientEntry], pools: dict[str, Pool], where: str
 
 def _draw_clients(clients, tasks: list[TaskSpec], pools: dict[str, Pool], ctx, say) -> list:
     """Each client's arrays: task -> split -> field -> array."""
-    usage = {n: np.zeros(max(p.train.max(), p.test.max()) + 1, np.int32) for n, p in pools.items()}
+    usage = {n: np.zeros(_pool_size(p), np.int32) for n, p in pools.items()}
     classes = {t.name: t.classes for t in tasks}
     out = []
     for i, client in enumerate(clients):
@@ -400,6 +400,11 @@ def _draw_clients(clients, tasks: list[TaskSpec], pools: dict[str, Pool], ctx, s
         counts = (f"{t} {client.train[t]}+{client.test[t]}" for t in client.tasks)
         say(f"client {i}: {', '.join(counts)}")
     return out
+
+
+def _pool_size(pool: Pool) -> int:
+    """One past the largest sample id of the pool (a part may be empty: `_draw` says so)."""
+    return max((int(part.max()) + 1 for part in (pool.train, pool.test) if len(part)), default=0)
 
 
 def _draw(

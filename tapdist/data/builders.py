@@ -146,9 +146,13 @@ def load_tokenizer(directory: str) -> Tokenizer:
 
 
 def _cut(text: str, length: int) -> str:
-    # A WordPiece token spans at least one character: a long text cut at a word boundary far past
+    # A WordPiece token spans at least one non-space character: a long text, its whitespace runs
+    # made single spaces (WordPiece splits on any whitespace), cut at a word boundary far past
     # `length` tokens tokenizes to the same first tokens, and much faster.
     limit = 16 * length
+    if len(text) <= limit:
+        return text
+    text = " ".join(text.split())
     return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0]
 
 

@@ -154,7 +154,8 @@ def check_layout(
 
 
 def check_values(where: str, task: TaskSpec, arrays: Mapping, dims: Dims, fix: str) -> None:
-    """Check the value ranges of ``arrays`` (min and max only)."""
+    """Check the value ranges of ``arrays`` (min and max only), and that every answer holds a
+    token (an empty one would score as a perfect prediction and train on nothing)."""
     limits = {
         "label": (0, task.classes - 1, f"a class index of the task's {task.classes} classes"),
         "domain": (0, len(task.domains) - 1, f"an index into domains {list(task.domains)}"),
@@ -173,6 +174,13 @@ def check_values(where: str, task: TaskSpec, arrays: Mapping, dims: Dims, fix: s
             raise DataError(
                 f"{where}/{name}: values span {lo}..{hi}; each must be {meaning}; {fix}"
             )
+        if name == "answer":
+            empty = np.flatnonzero((values != IGNORE).sum(axis=-1) == 0)
+            if len(empty):
+                raise DataError(
+                    f"{where}/answer: {len(empty)} answer(s) hold no token (the first: sample "
+                    f"{empty[0]}); every text-generation sample needs a non-empty answer; {fix}"
+                )
 
 
 def _check_dtype(where: str, name: str, dtype, strict: bool, dims: Dims, fix: str) -> None:

@@ -180,7 +180,9 @@ class _Labels:
     """Class indices of a label column: integers as they are, strings in sorted order."""
 
     def __init__(self, entry: TaskEntry, tables: list[Table], folder: Path):
-        values = [v for t in tables for v in t.column(entry.options["label_field"])]
+        column = entry.options["label_field"]
+        values = [v for t in tables for v in t.column(column)]
+        _no_nulls(values, column, folder)
         self.numeric = all(_is_int(v) for v in values)
         if self.numeric:
             self.names = None
@@ -217,15 +219,20 @@ class _RowReader:
                 len(ids), 3, IMAGE_SIZE, IMAGE_SIZE
             )
         if "text" in fields:
-            texts = [_words(v) for v in table.column(opts["text_field"], ids)]
+            texts = [_words(v) for v in self._values(opts["text_field"], table, ids)]
             out["text"], out["text_mask"] = self.ctx.tokenizer().texts(texts, dims.text_len)
         if "label" in fields:
             out["label"] = self.labels.encode(table.column(opts["label_field"], ids))
         if "answer" in fields:
-            answers = [_words(v) for v in table.column(opts["answer_field"], ids)]
+            answers = [_words(v) for v in self._values(opts["answer_field"], table, ids)]
             out["answer"] = self.ctx.tokenizer().answers(answers, dims.answer_len)
         out["domain"] = self._domains(table, ids)
         return out
+
+    def _values(self, column: str, table: Table, ids: np.ndarray) -> list:
+        values = table.column(column, ids)
+        _no_nulls(values, column, self.folder)
+        return values
 
     def _domains(self, table: Table, ids: np.ndarray) -> np.ndarray:
         name = self.entry.options.get("domain_field")
@@ -253,10 +260,43 @@ def _image(value, folder: Path) -> np.ndarray:
     elif isinstance(value, str):
         value = Image.open(folder / value)
     elif not isinstance(value, Image.Image):
-        array = np.asarray(value, dtype=np.uint8)
-        value = Image.fromarray(array if array.ndim == 2 else array.transpose(1, 2, 0))
+        value = Image.fromarray(_pixels(np.asarray(value), folder))
     rgb = value.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
     return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1)
+
+
+def _pixels(array: np.ndarray, folder: Path) -> np.ndarray:
+    """A pixel array as PIL reads it: uint8, (H, W) or (H, W, C). Accepted: (H, W), (H, W, C)
+    and (C, H, W) with C of 1, 3 or 4; integers in 0..255, or floats in 0..1 (scaled by 255)
+    or 0..255."""
+    channels = (1, 3, 4)
+    if array.ndim == 3 and array.shape[0] in channels and array.shape[-1] not in channels:
+        array = array.transpose(1, 2, 0)  # channels first
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in channels):
+        raise DataError(
+            f"{folder}: an image array of shape {array.shape}; give (H, W), (H, W, C) or "
+            "(C, H, W) with C of 1, 3 or 4"
+        )
+    if np.issubdtype(array.dtype, np.floating):
+        array = array * 255.0 if array.size and float(array.max()) <= 1.0 else array
+        array = np.rint(array)
+    if array.size and (float(array.min()) < 0 or float(array.max()) > 255):
+        raise DataError(
+            f"{folder}: image pixels span {array.min()}..{array.max()}; give 0..255, or floats "
+            "in 0..1"
+        )
+    return array.astype(np.uint8)
+
+
+def _no_nulls(values: list, column: str, folder: Path) -> None:
+    missing = sum(value is None for value in values)
+    if missing:
+        raise DataError(
+            f"{folder}: column {column} holds {missing} empty value(s) (null); drop or fill "
+            "those rows"
+        )
 
 
 def _words(value) -> str:

@@ -72,7 +72,7 @@ def _images(rng, n: int, label, task: TaskSpec) -> np.ndarray:
 
 def _texts(rng, n: int, length: int, vocab: int, label, task: TaskSpec):
     ids = rng.integers(RESERVED, vocab, (n, length))
-    lengths = rng.integers(length // 2, length + 1, n)
+    lengths = rng.integers(max(2, length // 2), length + 1, n)  # [CLS] and the class token
     mask = (np.arange(length)[None, :] < lengths[:, None]).astype(np.int64)
     if task.kind.endswith("_cls"):
         ids[:, 1] = RESERVED + label  # the class token
