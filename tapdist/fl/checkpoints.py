@@ -134,7 +134,7 @@ class Checkpointer:
         """The newest complete checkpoint in the run folder, whatever run wrote it."""
         for folder in sorted(self.root.glob("*-round*"), key=_order, reverse=True):
             try:
-                manifest = json.loads((folder / MANIFEST).read_text())
+                manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 continue  # not complete: a crash before its manifest
             if manifest.get("format") == FORMAT:

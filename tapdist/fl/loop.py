@@ -111,7 +111,7 @@ class RoundLoop:
 
     def _write(self, record: dict, scalars: TensorBoardScalars | None) -> None:
         self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.metrics_path.open("a") as out:
+        with self.metrics_path.open("a", encoding="utf-8") as out:
             out.write(json.dumps(record) + "\n")
         if scalars is not None:
             scalars.add(record)

@@ -98,9 +98,8 @@ def _check_directories(backbone: str, local: dict[str, str]) -> None:
                 "that save_pretrained wrote"
             )
     if local["pretrained"]:
-        kind = json.loads((Path(local["pretrained"]) / "config.json").read_text()).get(
-            "model_type", "?"
-        )
+        config = Path(local["pretrained"]) / "config.json"
+        kind = json.loads(config.read_text(encoding="utf-8")).get("model_type", "?")
         if kind != backbone:
             raise ConfigError(
                 f"model.pretrained = {local['pretrained']} holds a '{kind}' model but "
