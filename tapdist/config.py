@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -342,7 +343,7 @@ def from_dict(raw: dict[str, Any]) -> Config:
                 f"unknown section '{name}'{_suggest(name, known)}; "
                 f"accepted sections: {', '.join(known)}"
             )
-        values[name] = _build_section(name, _kind(known[name]), body or {})
+        values[name] = _build_section(name, _kind(known[name]), {} if body is None else body)
     return Config(**values)
 
 
@@ -380,7 +381,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
     if data is None:
@@ -404,7 +405,9 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
         value = text
-    body = raw.setdefault(section, {})
+    if raw.get(section) is None:  # absent, or in the file with every key commented out
+        raw[section] = {}
+    body = raw[section]
     if not isinstance(body, dict):
         raise ConfigError(f"section '{section}' must be a mapping, got {type(body).__name__}")
     body[name] = _Override(value, text)
@@ -444,10 +447,12 @@ def _check(section: str, f: dataclasses.Field, value: Any) -> Any:
     kind = _kind(f)
     if kind is float and isinstance(value, str):
         value = _yaml_float(value)
+    if kind is str and isinstance(value, bool) and f.metadata["choices"]:
+        value = _yaml_word(value, f.metadata["choices"])
     ok = {
         bool: lambda v: isinstance(v, bool),
         int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        float: _finite_number,
         str: lambda v: isinstance(v, str),
         list: lambda v: isinstance(v, list) and all(isinstance(x, f.metadata["items"]) for x in v),
     }[kind](value)
@@ -462,6 +467,17 @@ def _check(section: str, f: dataclasses.Field, value: Any) -> Any:
             f"bad value for '{section}.{f.name}': {value!r}{origin}; accepted: {_accepted(f)}"
         )
     return float(value) if kind is float else value
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _yaml_word(value: bool, choices: typing.Iterable[str]) -> bool | str:
+    """YAML 1.1 reads off/no/false (on/yes/true) unquoted as a boolean; a key whose choices
+    hold such a word takes it back."""
+    words = ("on", "yes", "true") if value else ("off", "no", "false")
+    return next((w for w in words if w in choices), value)
 
 
 def _yaml_float(text: str) -> float | str:

@@ -52,9 +52,23 @@ def test_overrides_parse_types(tmp_path):
     assert cfg.dist.server_hosts_clients is False
 
 
+def test_yaml_words_read_as_booleans_and_sections_left_empty(tmp_path):
+    """YAML 1.1 reads an unquoted off as false: a key whose choices hold off takes it back. A
+    section whose keys are all commented out is empty, for the file and for --set alike."""
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  amp: off\n  cuda_graphs: off\ndist:\n  # timeout_s: 30\n")
+    cfg = load_config(path, ["dist.timeout_s=30"])
+    assert (cfg.train.amp, cfg.train.cuda_graphs, cfg.dist.timeout_s) == ("off", "off", 30.0)
+    path.write_text("train:\n  amp: yes\n")  # no choice of train.amp reads as true
+    with pytest.raises(ConfigError, match="'train.amp': True"):
+        load_config(path)
+
+
 @pytest.mark.parametrize(
     "overrides, words",
     [
+        (["dist.timeout_s=.inf"], ["dist.timeout_s", "inf", "a number >= 1.0"]),
+        (["train.lr=nan"], ["train.lr", "nan"]),
         (
             ["federation.roundz=3"],
             ["federation.roundz", "did you mean 'rounds'", "accepted keys", "clients_per_round"],
@@ -86,9 +100,10 @@ def test_bad_files(tmp_path):
     bad.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping of sections"):
         load_config(bad)
-    bad.write_text("run: 3\n")
-    with pytest.raises(ConfigError, match="section 'run' must be a mapping"):
-        load_config(bad)
+    for body in ("3", "false", "[]"):  # not a mapping, falsy or not
+        bad.write_text(f"run: {body}\n")
+        with pytest.raises(ConfigError, match="section 'run' must be a mapping"):
+            load_config(bad)
     bad.write_text("tap: {margin: 0.1}\n")
     with pytest.raises(
         ConfigError,
