@@ -6,7 +6,8 @@
 # Environment knobs (defaults in brackets):
 #   NPROC        ranks on this node [number of GPUs, else 2]; one rank per GPU under NCCL
 #   NNODES       nodes in the job [1]          NODE_RANK    this node's index, 0 to NNODES-1 [0]
-#   MASTER_ADDR  address of node 0 [127.0.0.1] MASTER_PORT  rendezvous port on node 0 [29500]
+#   MASTER_ADDR  address of node 0 [127.0.0.1; required when NNODES > 1]
+#   MASTER_PORT  rendezvous port on node 0 [29500]
 #   PYTHON       interpreter with tapdist installed [python3]
 # On one node without MASTER_ADDR or MASTER_PORT, torchrun picks a free port (--standalone), so
 # several runs can share a machine. Start the script on every node with the same NNODES,
@@ -24,6 +25,10 @@ fi
 NNODES=${NNODES:-1}
 if [[ $NNODES == 1 && -z ${MASTER_ADDR:-} && -z ${MASTER_PORT:-} ]]; then
     rendezvous=(--standalone)
+elif [[ $NNODES != 1 && -z ${MASTER_ADDR:-} ]]; then
+    echo "launch/torchrun.sh: NNODES=$NNODES needs MASTER_ADDR, the address of node 0," \
+        "set alike on every node" >&2
+    exit 2
 else
     rendezvous=(--node_rank="${NODE_RANK:-0}" --master_addr="${MASTER_ADDR:-127.0.0.1}"
         --master_port="${MASTER_PORT:-29500}")

@@ -1,3 +1,5 @@
+import sys
+
 import pytest
 import torch
 
@@ -95,6 +97,35 @@ def test_mpirun_inside_an_allocation_prefers_mpi():
     # hydra's proxies run as a one-task srun step; the ranks are in PMI_*
     env = dict(SRUN, SLURM_PROCID="0", SLURM_STEP_NUM_TASKS="1", **MPICH)
     assert detect_launch(env=env).launcher == "mpi"
+
+
+def test_missing_local_ranks_come_from_srun_else_from_one_node():
+    # srun --mpi=pmi2 sets PMI_RANK and PMI_SIZE but no MPI local rank
+    pmi = dict(SRUN, PMI_RANK="1", PMI_SIZE="3")
+    assert detect_launch("mpi", env=pmi) == Launch("mpi", 1, 3, 1, 3)
+    # RANK, WORLD_SIZE and MASTER_* exported by hand: every rank on this node
+    by_hand = {k: v for k, v in TORCHRUN.items() if not k.startswith("LOCAL_")}
+    assert detect_launch(env=by_hand) == Launch("torchrun", 2, 4, 2, 4, "node1", 29511)
+
+
+def test_srun_tasks_sharing_a_gpu_are_not_each_given_it():
+    from tapdist.dist import DeviceError, device_for
+
+    shared = detect_launch(env=dict(SRUN, SLURM_STEP_GPUS="0"))  # srun -n3 --gpus-per-node=1
+    assert (shared.node_gpus, shared.local_world_size) == (1, 3)
+    with pytest.raises(DeviceError, match="3 ranks on this node but only 1 GPU"):
+        device_for(shared, 1, "cuda")
+    assert device_for(shared, 1, "auto") == torch.device("cpu")
+    bound = detect_launch(env=dict(SRUN, SLURM_STEP_GPUS="0,1,2"))  # --gpus-per-task=1
+    assert device_for(bound, 1, "cuda") == torch.device("cuda", 0)
+
+
+def test_the_mpi_backend_without_mpi4py_says_what_to_install(monkeypatch):
+    from tapdist.dist.context import MpiContext
+
+    monkeypatch.setitem(sys.modules, "mpi4py", None)  # import mpi4py raises ImportError
+    with pytest.raises(LaunchError, match=r"dist.backend = mpi needs mpi4py: pip install"):
+        MpiContext(Launch("mpi", 0, 2, 0, 2), torch.device("cpu"), 10)
 
 
 def test_single_and_forced_launchers():

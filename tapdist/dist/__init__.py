@@ -76,7 +76,8 @@ def device_for(
     """The device of the rank ``launch`` describes when its process sees ``gpus`` GPUs.
 
     One rank per GPU: local rank i uses cuda:i, or cuda:0 where Slurm bound one GPU to each task
-    (``srun --gpus-per-task=1``). ``dist.device=cuda`` or ``dist.backend=nccl`` demand a GPU per
+    (``srun --gpus-per-task=1``: each task sees one GPU, and the step holds as many on the node
+    as it has tasks there). ``dist.device=cuda`` or ``dist.backend=nccl`` demand a GPU per
     rank (NCCL cannot put two ranks on one GPU) and raise :class:`DeviceError` otherwise;
     ``auto`` falls back to the CPU. A pure function of its arguments, so every case can be
     checked without GPUs.
@@ -99,7 +100,8 @@ def device_for(
         return torch.device("cpu")
     if launch.local_world_size <= gpus:
         return torch.device("cuda", launch.local_rank)
-    if gpus == 1 and launch.launcher == "slurm":
+    own = launch.node_gpus == 0 or launch.node_gpus >= launch.local_world_size
+    if gpus == 1 and launch.launcher == "slurm" and own:
         return torch.device("cuda", 0)  # each task sees its own GPU
     problem = (
         f"{launch.local_world_size} ranks on this node but only {gpus} GPU(s), and ranks "

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from tapdist.dist.launch import Launch, free_port
+from tapdist.dist.launch import Launch, LaunchError, free_port
 
 log = logging.getLogger(__name__)
 
@@ -299,14 +299,20 @@ class MpiContext(DistContext):
     def __init__(
         self, launch: Launch, device: torch.device, timeout_s: float, init_timeout_s: float = 120
     ):
-        from mpi4py import MPI
+        try:
+            from mpi4py import MPI
+        except ImportError:
+            raise LaunchError(
+                "dist.backend = mpi needs mpi4py: pip install 'tapdist[mpi]' (builds it against "
+                "your MPI), or use dist.backend=gloo"
+            ) from None
 
         self._mpi, self._comm = MPI, MPI.COMM_WORLD
         rank, world = self._comm.Get_rank(), self._comm.Get_size()
         super().__init__(rank, world, launch.local_rank, device)
         self.launcher, self.timeout_s = launch.launcher, timeout_s
         if (rank, world) != (launch.rank, launch.world_size):
-            raise DistError(
+            raise LaunchError(
                 f"MPI reports rank {rank} of {world} but the {launch.launcher} "
                 f"environment says rank {launch.rank} of {launch.world_size}; "
                 "launch with mpirun/mpiexec or srun --mpi=pmi2"

@@ -31,6 +31,7 @@ class Launch:
     local_world_size: int
     master_addr: str = ""  # empty: decided at rendezvous (mpi4py broadcast) or not needed
     master_port: int = 0
+    node_gpus: int = 0  # GPUs the launcher gave this node's tasks together; 0: not known
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.world_size:
@@ -105,16 +106,28 @@ def _torchrun(env: Mapping[str, str]) -> Launch | None:
             f"RANK and WORLD_SIZE are set but {', '.join(missing)} is not; "
             "launch with torchrun, or export MASTER_ADDR and MASTER_PORT"
         )
-    world = _int(env, "WORLD_SIZE")
+    rank, world = _int(env, "RANK"), _int(env, "WORLD_SIZE")
+    local, local_world = _local(env, rank, world, "LOCAL_RANK", "LOCAL_WORLD_SIZE")
     return Launch(
-        "torchrun",
-        _int(env, "RANK"),
-        world,
-        _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0,
-        _int(env, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in env else world,
-        env["MASTER_ADDR"],
-        _int(env, "MASTER_PORT"),
+        "torchrun", rank, world, local, local_world, env["MASTER_ADDR"], _int(env, "MASTER_PORT")
     )
+
+
+def _local(
+    env: Mapping[str, str], rank: int, world: int, local_key: str, local_size_key: str
+) -> tuple[int, int]:
+    """This process's place on its node: from the launcher's own variables, else from srun's
+    where srun started the process (`srun --mpi=pmi2` sets no MPI local rank), else as if every
+    rank ran on this node (ranks started by hand with RANK and WORLD_SIZE)."""
+    if local_key in env:
+        local_world = _int(env, local_size_key) if local_size_key in env else world
+        return _int(env, local_key), local_world
+    if "SLURM_LOCALID" in env and env.get("SLURM_STEP_ID", "batch") not in _NOT_SRUN_STEPS:
+        return _int(env, "SLURM_LOCALID"), _slurm_local_tasks(env, world)
+    return rank, world
+
+
+_NOT_SRUN_STEPS = ("batch", "extern", "interactive")  # steps Slurm makes without srun
 
 
 def _slurm(env: Mapping[str, str]) -> Launch | None:
@@ -122,7 +135,7 @@ def _slurm(env: Mapping[str, str]) -> Launch | None:
     # SLURM_STEP_ID; without it, `python -m tapdist` in an sbatch script runs as one process.
     if "SLURM_PROCID" not in env or "SLURM_STEP_ID" not in env:
         return None
-    if env.get("SLURM_STEP_ID") in ("batch", "extern", "interactive"):
+    if env.get("SLURM_STEP_ID") in _NOT_SRUN_STEPS:
         return None
     ntasks = "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in env else "SLURM_NTASKS"
     world = _int(env, ntasks)
@@ -131,7 +144,9 @@ def _slurm(env: Mapping[str, str]) -> Launch | None:
     local_world = _slurm_local_tasks(env, world)
     addr = env.get("MASTER_ADDR") or _first_host(env)
     port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else slurm_port(env)
-    return Launch("slurm", rank, world, local_rank, local_world, addr, port)
+    gpus = env.get("SLURM_STEP_GPUS") or env.get("SLURM_JOB_GPUS") or ""
+    node_gpus = len([g for g in gpus.split(",") if g.strip()])
+    return Launch("slurm", rank, world, local_rank, local_world, addr, port, node_gpus)
 
 
 def _slurm_local_tasks(env: Mapping[str, str], world: int) -> int:
@@ -203,12 +218,11 @@ def _mpi(env: Mapping[str, str]) -> Launch | None:
         ),
     ):
         if rank_key in env and size_key in env:
-            world = _int(env, size_key)
-            local = _int(env, local_key) if local_key in env else 0
-            local_world = _int(env, local_size_key) if local_size_key in env else world
+            rank, world = _int(env, rank_key), _int(env, size_key)
+            local, local_world = _local(env, rank, world, local_key, local_size_key)
             return Launch(
                 "mpi",
-                _int(env, rank_key),
+                rank,
                 world,
                 local,
                 local_world,
