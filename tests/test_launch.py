@@ -116,8 +116,13 @@ def test_srun_tasks_sharing_a_gpu_are_not_each_given_it():
     with pytest.raises(DeviceError, match="3 ranks on this node but only 1 GPU"):
         device_for(shared, 1, "cuda")
     assert device_for(shared, 1, "auto") == torch.device("cpu")
-    bound = detect_launch(env=dict(SRUN, SLURM_STEP_GPUS="0,1,2"))  # --gpus-per-task=1
-    assert device_for(bound, 1, "cuda") == torch.device("cuda", 0)
+    for bound in (  # each task bound to its own GPU, which may be all its lists show
+        dict(SRUN, SLURM_STEP_GPUS="0,1,2"),
+        dict(SRUN, SLURM_STEP_GPUS="2", SLURM_JOB_GPUS="0,1,2"),
+        dict(SRUN, SLURM_STEP_GPUS="2", SLURM_GPUS_PER_TASK="1"),
+        SRUN,  # no GPU lists: as before, each task has its own
+    ):
+        assert device_for(detect_launch(env=bound), 1, "cuda") == torch.device("cuda", 0)
 
 
 def test_the_mpi_backend_without_mpi4py_says_what_to_install(monkeypatch):

@@ -32,6 +32,8 @@ class Launch:
     master_addr: str = ""  # empty: decided at rendezvous (mpi4py broadcast) or not needed
     master_port: int = 0
     node_gpus: int = 0  # GPUs the launcher gave this node's tasks together; 0: not known
+    # (or one per task): under Slurm, tasks that see one GPU share it when this is below their
+    # number on the node
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.world_size:
@@ -144,9 +146,17 @@ def _slurm(env: Mapping[str, str]) -> Launch | None:
     local_world = _slurm_local_tasks(env, world)
     addr = env.get("MASTER_ADDR") or _first_host(env)
     port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else slurm_port(env)
-    gpus = env.get("SLURM_STEP_GPUS") or env.get("SLURM_JOB_GPUS") or ""
-    node_gpus = len([g for g in gpus.split(",") if g.strip()])
-    return Launch("slurm", rank, world, local_rank, local_world, addr, port, node_gpus)
+    return Launch("slurm", rank, world, local_rank, local_world, addr, port, _node_gpus(env))
+
+
+def _node_gpus(env: Mapping[str, str]) -> int:
+    """The GPUs Slurm gave this node's tasks together, as far as its variables tell: the longer
+    of the step's and the job's GPU lists (a task bound to its own GPU may list only that one);
+    0 where they say nothing, or where GPUs were asked per task (--gpus-per-task)."""
+    if env.get("SLURM_GPUS_PER_TASK"):
+        return 0
+    lists = (env.get(name, "") for name in ("SLURM_STEP_GPUS", "SLURM_JOB_GPUS"))
+    return max(len([g for g in gpus.split(",") if g.strip()]) for gpus in lists)
 
 
 def _slurm_local_tasks(env: Mapping[str, str], world: int) -> int:
