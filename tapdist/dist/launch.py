@@ -124,20 +124,21 @@ def _local(
     if local_key in env:
         local_world = _int(env, local_size_key) if local_size_key in env else world
         return _int(env, local_key), local_world
-    if "SLURM_LOCALID" in env and env.get("SLURM_STEP_ID", "batch") not in _NOT_SRUN_STEPS:
+    if "SLURM_LOCALID" in env and _in_srun_step(env):
         return _int(env, "SLURM_LOCALID"), _slurm_local_tasks(env, world)
     return rank, world
 
 
-_NOT_SRUN_STEPS = ("batch", "extern", "interactive")  # steps Slurm makes without srun
+def _in_srun_step(env: Mapping[str, str]) -> bool:
+    """Whether srun started this process. A batch script also sees SLURM_PROCID and
+    SLURM_NTASKS, but only an srun step has a numbered SLURM_STEP_ID (Slurm's own steps are
+    named batch, extern and interactive)."""
+    return env.get("SLURM_STEP_ID", "batch") not in ("batch", "extern", "interactive")
 
 
 def _slurm(env: Mapping[str, str]) -> Launch | None:
-    # A batch script also sees SLURM_PROCID and SLURM_NTASKS, but only an srun step has
-    # SLURM_STEP_ID; without it, `python -m tapdist` in an sbatch script runs as one process.
-    if "SLURM_PROCID" not in env or "SLURM_STEP_ID" not in env:
-        return None
-    if env.get("SLURM_STEP_ID") in _NOT_SRUN_STEPS:
+    # without srun, `python -m tapdist` in an sbatch script runs as one process
+    if "SLURM_PROCID" not in env or not _in_srun_step(env):
         return None
     ntasks = "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in env else "SLURM_NTASKS"
     world = _int(env, ntasks)

@@ -39,8 +39,8 @@ MANIFEST = "MANIFEST.json"
 FORMAT = "tapdist-checkpoint"
 # sections whose values decide the numbers; a resumed run must not change them
 _FIXED = ("model", "federation", "train", "tap", "data")
-# and the keys of other sections that do (the averages' wire precision)
-_FIXED_KEYS = ("dist.transport_dtype",)
+# and the keys of other sections that do (the seed; the averages' wire precision)
+_FIXED_KEYS = ("run.seed", "dist.transport_dtype")
 
 
 @dataclass(frozen=True)
@@ -149,8 +149,6 @@ class Checkpointer:
             for key in saved[section]
             if saved[section][key] != now[section].get(key) and f"{section}.{key}" != "data.path"
         ]
-        if saved["run"]["seed"] != now["run"]["seed"]:
-            changed.append("run.seed")
         for name in _FIXED_KEYS:
             section, key = name.split(".")
             if saved[section][key] != now[section][key]:
