@@ -230,10 +230,11 @@ def _nbytes(tensors) -> int:
 
 def report(args: argparse.Namespace, hw: dict, rows: list[dict]) -> None:
     cfg = load_config(args.config, args.overrides)
+    world = rows[0]["world"] if rows else args.world  # a launcher's job may differ from --world
     print(
         f"{describe(hw)}. `{shown(args.config)}`, every client: {'+'.join(args.tasks)}, "
         f"{args.samples} samples, {args.local_steps} local step(s), algorithm "
-        f"{cfg.federation.algorithm}; {args.world} rank(s), {args.threads} thread(s) each; round "
+        f"{cfg.federation.algorithm}; {world} rank(s), {args.threads} thread(s) each; round "
         f"time: median of {cfg.bench.repeats} rounds after {cfg.bench.warmup}.\n"
     )
     cuda = any("cuda_allocated" in r["memory_after_fill"] for r in rows)
@@ -258,7 +259,7 @@ def report(args: argparse.Namespace, hw: dict, rows: list[dict]) -> None:
             "samples": args.samples,
             "local_steps": args.local_steps,
             "per_round": args.per_round,
-            "world": args.world,
+            "world": world,
             "threads_per_rank": args.threads,
             "warmup": cfg.bench.warmup,
             "repeats": cfg.bench.repeats,

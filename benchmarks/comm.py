@@ -4,10 +4,12 @@ Timing, per backend, world size and wire dtype: the ranks run the round loop's a
 (tapdist.fl.aggregate) on a config's real union layout: each rank packs the uploads of the
 round's sampled clients it hosts into the flat buffer (``accumulate``), joins ``all_reduce_round``
 and averages (``finalize``); in the same repetition they all_reduce one plain tensor of the same
-bytes. Reported: medians of each phase, bandwidth (bytes on the wire / seconds) and efficiency
-(raw seconds / union seconds) of the whole path and of its collective alone (timed after a
-barrier, so a rank that packs less does not count its wait for the others). One rank sends
-nothing (tapdist skips the collective), so its rows show the packing and averaging only.
+bytes. Reported: medians of each phase on its slowest rank (ranks pack different numbers of
+uploads), bandwidth (bytes on the wire / seconds) and efficiency (raw seconds / union seconds)
+of the whole path (slowest packing + collective + slowest averaging) and of its collective alone
+(timed after a barrier, so a rank that packs less does not count its wait for the others). One
+rank sends nothing (tapdist skips the collective), so its rows show the packing and averaging
+only.
 
 Counting, per config (nothing is timed or allocated: the model is built on the meta device):
 what each client's trainable sub-state occupies on the wire in each dtype (values and one count
@@ -137,10 +139,9 @@ def drive(args: argparse.Namespace) -> list[dict]:
     """Start the ranks once per backend and world size; collect rank 0's rows."""
     rows = []
     for backend in dict.fromkeys(_resolve_backend(b) for b in args.backend):
-        dtypes = list(args.dtype)
-        if backend == "mpi" and "bf16" in dtypes:
-            print("note: the MPI transport has no bfloat16 sum; bf16 is skipped for mpi")
-            dtypes.remove("bf16")
+        dtypes = _dtypes_for(backend, args.dtype)
+        if not dtypes:
+            continue
         for world in args.world:
             if backend == "nccl" and args.launcher == "torchrun":
                 gpus = torch.cuda.device_count()
@@ -172,6 +173,14 @@ def _worker_args(args: argparse.Namespace, backend: str, dtypes: list[str]) -> l
     return out
 
 
+def _dtypes_for(backend: str, dtypes: list[str]) -> list[str]:
+    """The wire dtypes ``backend`` can sum: MPI has no bfloat16 sum, so it skips bf16."""
+    if backend == "mpi" and "bf16" in dtypes:
+        print("note: the MPI transport has no bfloat16 sum; bf16 is skipped for mpi", flush=True)
+        return [d for d in dtypes if d != "bf16"]
+    return list(dtypes)
+
+
 def _resolve_backend(choice: str) -> str:
     if choice == "auto":
         return "nccl" if torch.cuda.is_available() else "gloo"
@@ -198,6 +207,7 @@ def worker(args: argparse.Namespace) -> list[dict] | None:
     """Every rank: time each wire dtype on this world size; rank 0 returns the rows."""
     set_threads(args.threads)
     backend = args.backend[0]
+    args.dtype = _dtypes_for(backend, args.dtype)
     cfg = load_config(args.config, [f"dist.backend={backend}", *args.overrides])
     ctx = init_context(cfg.dist)
     try:
@@ -259,11 +269,15 @@ def _random(shape, generator: torch.Generator, device: torch.device) -> torch.Te
     return torch.randn(shape, generator=generator).to(device)
 
 
+PHASES = ("pack", "all_reduce", "finalize", "raw")
+
+
 def measure(ctx, work: Round, dtype: str, warmup: int, repeats: int) -> dict:
     """Median seconds of each phase of the union path and of a raw all_reduce of the bytes the
-    union path put on the wire."""
-    phases: dict[str, list[float]] = {k: [] for k in ("pack", "all_reduce", "finalize", "raw")}
-    union, raw, workspace = [], None, Workspace()
+    union path put on the wire, each repetition's phase taken on its slowest rank (a rank that
+    hosts none of the round's clients packs nothing, the one that hosts most packs longest)."""
+    mine = torch.zeros(repeats, ctx.world_size, len(PHASES), dtype=torch.float64)
+    raw, workspace = None, Workspace()
     for i in range(warmup + repeats):
         ctx.barrier("comm benchmark: union")
         sent, times = union_round(ctx, work, dtype, workspace)
@@ -276,12 +290,24 @@ def measure(ctx, work: Round, dtype: str, warmup: int, repeats: int) -> dict:
             ctx.all_reduce(raw, "comm benchmark: raw all_reduce")
         times["raw"] = _clock(ctx) - started
         if i >= warmup:
-            for key, value in times.items():
-                phases[key].append(value)
-            union.append(times["pack"] + times["all_reduce"] + times["finalize"])
-    return _row(
-        work, dtype, sent, ctx.world_size, {k: median(v) for k, v in phases.items()}, median(union)
-    )
+            mine[i - warmup, ctx.rank] = torch.tensor([times[k] for k in PHASES])
+    every = mine.to(ctx.device)  # each rank fills its own column; the sum gathers them
+    if ctx.is_distributed:
+        ctx.all_reduce(every, "comm benchmark: phase times")
+    slowest = every.amax(dim=1).cpu()  # (repeats, phases): each phase on its slowest rank
+    phases = {k: median(slowest[:, j].tolist()) for j, k in enumerate(PHASES)}
+    union = median(slowest[:, :3].sum(dim=1).tolist())
+    row = _row(work, dtype, sent, ctx.world_size, phases, union)
+    row["uploads_per_rank"] = _uploads_per_rank(ctx, work)
+    return row
+
+
+def _uploads_per_rank(ctx, work: Round) -> list[int]:
+    counts = torch.zeros(ctx.world_size, dtype=torch.float64, device=ctx.device)
+    counts[ctx.rank] = len(work.uploads)
+    if ctx.is_distributed:
+        ctx.all_reduce(counts, "comm benchmark: uploads per rank")
+    return [int(c) for c in counts.tolist()]
 
 
 def union_round(ctx, work: Round, dtype: str, workspace: Workspace) -> tuple[int, dict[str, float]]:
@@ -392,9 +418,9 @@ def report(args: argparse.Namespace, hw: dict, rows: list[dict], counts: list[di
             f"{describe(hw)}. `{shown(args.config)}`, round {first['round']}: clients "
             f"{first['round_clients']}, {first['round_params'] / 1e6:.1f}M parameters in "
             f"{first['round_tensors']} tensors; {args.threads} thread(s) per rank; median of "
-            f"{bench.repeats} after {bench.warmup} warm-up. Efficiency: raw all_reduce seconds "
-            "over the union path's (whole: pack + all_reduce + average; collective: its "
-            "all_reduce alone, started after a barrier).",
+            f"{bench.repeats} after {bench.warmup} warm-up, each phase on its slowest rank. "
+            "Efficiency: raw all_reduce seconds over the union path's (whole: pack + all_reduce "
+            "+ average; collective: its all_reduce alone, started after a barrier).",
             "",
             timing_table(rows),
             "",
@@ -430,14 +456,15 @@ def report(args: argparse.Namespace, hw: dict, rows: list[dict], counts: list[di
 
 def timing_table(rows: list[dict]) -> str:
     headers = [
-        "backend", "ranks", "wire", "MB on wire", "pack ms", "all_reduce ms", "average ms",
-        "union ms", "raw all_reduce ms", "union GB/s", "raw GB/s", "efficiency: whole",
-        "efficiency: collective",
+        "backend", "ranks", "uploads per rank", "wire", "MB on wire", "pack ms", "all_reduce ms",
+        "average ms", "union ms", "raw all_reduce ms", "union GB/s", "raw GB/s",
+        "efficiency: whole", "efficiency: collective",
     ]  # fmt: skip
     body = [
         [
             r["backend"],
             r["world"],
+            "/".join(str(n) for n in r["uploads_per_rank"]),
             r["dtype"],
             f"{r['wire_bytes'] / 1e6:.1f}",
             f"{r['pack_ms']:.1f}",

@@ -256,9 +256,12 @@ def save_rows(path: Path | None, rows: list[dict] | None) -> None:
 # --- the federation a benchmark runs --------------------------------------------------------------
 
 
-def identical_clients(args: argparse.Namespace, clients: int, per_round: int):
+def identical_clients(
+    args: argparse.Namespace, clients: int, per_round: int, extra: Sequence[str] = ()
+):
     """``args.config`` with ``clients`` identical clients (``args.tasks``, ``args.samples`` each,
-    ``args.local_steps``), ``per_round`` of them sampled per round, no baselines."""
+    ``args.local_steps``), ``per_round`` of them sampled per round, no baselines; ``extra``
+    overrides go before the user's ``--set`` ones."""
     from tapdist.config import load_config
 
     spec = [{"tasks": list(args.tasks), "samples": args.samples}] * clients
@@ -270,6 +273,7 @@ def identical_clients(args: argparse.Namespace, clients: int, per_round: int):
             "federation.baselines=[]",
             f"data.clients={json.dumps(spec)}",
             f"train.local_steps={args.local_steps}",
+            *extra,
             *args.overrides,
         ],
     )

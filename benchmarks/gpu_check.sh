@@ -70,7 +70,8 @@ for name in ("cuda", "bf16"):
         continue
     diffs = {k: abs(base[k] - other[k]) / max(1.0, abs(base[k])) for k in base if k in other}
     worst = max(diffs, key=diffs.get)
-    print(f"cpu fp32 vs {name} (CUDA graphs on): {len(diffs)} metrics, max relative difference "
+    print(f"cpu fp32 vs {name} (CUDA graphs on): {len(diffs)} metrics, max difference "
+          "(absolute below 1, relative above) "
           f"{diffs[worst]:.2e} ({worst}: {base[worst]:.6g} vs {other[worst]:.6g})")
 EOF
 

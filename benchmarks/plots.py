@@ -3,7 +3,8 @@
 Reads the JSON files the other scripts wrote under ``benchmarks/results/`` and draws, for each
 present: scaling efficiency over world sizes (``scaling.png``), memory and round time over
 clients per rank (``clients.png``), the aggregation against a raw all_reduce (``comm.png``), and
-the GPU client-round micro-batch times against their baselines (``round.png``).
+the client-round micro-batch times against their baselines (``round.png``, from
+``round-h200.json``, the GPU run RESULTS.md shows, else ``round.json``).
 
     python -m benchmarks.plots [--results DIR]
 """
@@ -25,18 +26,22 @@ def main(argv: list[str] | None = None) -> int:
     from tapdist.report import agg_figure  # matplotlib, Agg canvas, no pyplot state
 
     drawn = []
-    for name, draw in (
-        ("scaling", _scaling),
-        ("clients", _clients),
-        ("comm", _comm),
-        ("round-h200", _round),
+    for names, draw in (
+        (["scaling"], _scaling),
+        (["clients"], _clients),
+        (["comm"], _comm),
+        (["round-h200", "round"], _round),
     ):
-        source = args.results / f"{name}.json"
-        if not source.exists():
-            print(f"{source}: not there, skipped")
+        sources = [args.results / f"{name}.json" for name in names]
+        source = next((path for path in sources if path.exists()), None)
+        if source is None:
+            print(f"{' or '.join(map(str, sources))}: not there, skipped")
             continue
         fig = draw(agg_figure, json.loads(source.read_text()), args.results)
-        target = args.results / f"{name.split('-')[0]}.png"
+        if fig is None:
+            print(f"{source}: nothing to draw, skipped")
+            continue
+        target = args.results / f"{names[0].split('-')[0]}.png"
         fig.savefig(target, dpi=110, bbox_inches="tight")
         drawn.append(target)
         print(f"wrote {target}")
@@ -53,14 +58,21 @@ def _scaling(figure, data: dict, results: Path):
         eff.plot(worlds, [r["efficiency"] for r in rows], marker=marker, label=mode)
     eff.axhline(0.9, color="grey", linestyle=":", label="target (weak) 0.9")
     speed.set(title="round throughput", xlabel="ranks", ylabel="client-rounds / s")
-    eff.set(title="efficiency against 1 rank", xlabel="ranks", ylabel="efficiency", ylim=(0, 1.1))
+    eff.set(
+        title="efficiency against the fewest ranks",
+        xlabel="ranks",
+        ylabel="efficiency",
+        ylim=(0, 1.1),
+    )
     for ax in (speed, eff):
         ax.legend()
         ax.grid(alpha=0.3)
         ax.set_xticks(sorted({r["world"] for r in data["rows"]}))
     over = data["settings"].get("oversubscribed_world_sizes") or []
     note = f"; {', '.join(map(str, over))} ranks oversubscribe the cores" if over else ""
-    fig.suptitle(f"Scaling, gloo on CPU ({data['hardware']['cpus']} cores{note})")
+    first = data["rows"][0]
+    where = "CPU" if first["device"] == "cpu" else first["device"].split(":")[0].upper()
+    fig.suptitle(f"Scaling, {first['backend']} on {where} ({data['hardware']['cpus']} cores{note})")
     return fig
 
 
@@ -80,12 +92,15 @@ def _clients(figure, data: dict, results: Path):
     for ax in (memory, seconds):
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    fig.suptitle("Virtual clients per rank (CPU)")
+    cuda = any("cuda_allocated" in r["memory_after_fill"] for r in rows)
+    fig.suptitle(f"Virtual clients per rank ({'GPU' if cuda else 'CPU'})")
     return fig
 
 
 def _comm(figure, data: dict, results: Path):
     rows = [r for r in data["timing"] if r["efficiency"] is not None]
+    if not rows:  # one rank sends nothing: no efficiency to draw
+        return None
     labels = [f"{r['world']} ranks\n{r['dtype']}" for r in rows]
     fig = figure(9, 3.6)
     ax = fig.subplots()
@@ -117,11 +132,12 @@ def _round(figure, data: dict, results: Path):
     x = range(len(cases))
     ax.bar([i - 0.2 for i in x], train, 0.4, label="training micro-batch")
     ax.bar([i + 0.2 for i in x], bare, 0.4, label="bare forward + backward (eager)")
-    peak = next(p["bf16"] for key, p in PEAKS if key in cases[0]["device"])
-    for i, r in enumerate(cases):
-        floor = r["tflop_per_micro_batch"] * 1e12 / peak * 1e3
-        ax.plot([i - 0.4, i + 0.4], [floor] * 2, color="grey", linestyle=":")
-    ax.plot([], [], color="grey", linestyle=":", label="bf16 peak floor")
+    peak = next((p.get("bf16") for key, p in PEAKS if key in cases[0]["device"]), None)
+    if peak is not None:  # a device without a known peak (a CPU) has no floor to draw
+        for i, r in enumerate(cases):
+            floor = r["tflop_per_micro_batch"] * 1e12 / peak * 1e3
+            ax.plot([i - 0.4, i + 0.4], [floor] * 2, color="grey", linestyle=":")
+        ax.plot([], [], color="grey", linestyle=":", label="bf16 peak floor")
     ax.set_xticks(list(x), labels, fontsize=8)
     ax.set(
         ylabel="ms per micro-batch of 32", title=f"Client-round micro-batch, {cases[0]['device']}"

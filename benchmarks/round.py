@@ -36,6 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import (
     RESULTS,
+    BenchmarkError,
     config_path,
     describe,
     hardware,
@@ -49,10 +50,12 @@ from tapdist.models.federated import TapFederation
 from tapdist.registry import ALGORITHMS, load_builtins
 
 CONFIGS = ("configs/paper_flava.yaml", "configs/paper_vilt.yaml")
-#: dense peak FLOP/s per (device name fragment, dtype); first match wins
+#: dense peak FLOP/s per (device name fragment, dtype); first match wins; a device without an
+#: entry (or with an empty one) reports no MFU rather than a borrowed peak
 PEAKS = (
     ("H200", {"bf16": 989e12, "fp32": 67e12}),
     ("H100 PCIe", {"bf16": 756e12, "fp32": 51e12}),
+    ("H100 NVL", {}),  # its own clocks and SM count: not the SXM part's peak
     ("H100", {"bf16": 989e12, "fp32": 67e12}),
     ("A100", {"bf16": 312e12, "fp32": 19.5e12}),
 )
@@ -63,6 +66,12 @@ TINY = ["model.size=tiny", "model.layers_per_block=1", "data.text_len=32"]
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BenchmarkError("--device cuda, but torch sees no CUDA device; use --device cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.json is None:
+        args.json = RESULTS / ("count.json" if args.count else "round.json")
     load_builtins()
     results = []
     for config in args.config or CONFIGS:
@@ -92,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"{describe(hardware())}\n")
     print(count_table(results) if args.count else table(results))
+    if not args.count and any(r["peak_memory_of"] != "CUDA allocated" for r in results):
+        print("\npeak GiB on the CPU: the process's peak resident memory, every case so far")
     if args.count:
         for result in results:
             print(f"\n{operator_table(result)}")
@@ -154,7 +165,8 @@ def measure(
         "bare_mfu": None if peak is None else flops / (bare_ms / 1e3) / peak,
         "host_syncs_per_micro_batch": syncs,
         "host_sync_sites": sync_sites,
-        "peak_memory_gb": _peak_memory(device) / 2**30,
+        "peak_memory_gib": _peak_memory(device) / 2**30,
+        "peak_memory_of": "CUDA allocated" if device.type == "cuda" else "process peak RSS",
         "profile": profiled,
         "trainable_params": sum(v.numel() for v in start.values()),
     }
@@ -244,7 +256,7 @@ def count_operators(federation, client: int, state, device: torch.device) -> dic
     by_operator = {  # the operators that are not views, the largest outputs first
         name: {
             "calls": counter.calls[name],
-            "mb_written": written / 2**20,  # an allocation's: allocated, not written
+            "mib_written": written / 2**20,  # an allocation's: allocated, not written
             "kind": _kind(name),
         }
         for name, written in sorted(counter.written.items(), key=lambda kv: -kv[1])
@@ -256,8 +268,8 @@ def count_operators(federation, client: int, state, device: torch.device) -> dic
             op["calls"] for op in by_operator.values() if op["kind"] == "allocation"
         ),
         "casts": counter.casts,
-        "memory_bound_mb_written": sum(
-            op["mb_written"] for op in by_operator.values() if op["kind"] == "memory-bound"
+        "memory_bound_mib_written": sum(
+            op["mib_written"] for op in by_operator.values() if op["kind"] == "memory-bound"
         ),
         "by_operator": by_operator,
     }
@@ -283,7 +295,7 @@ def counted(federation, cfg, args, amp: str) -> dict:
 def count_table(results: list[dict]) -> str:
     head = (
         "| config | client | amp | batch | GFLOP/mb | operators | views | allocations "
-        "| kernel operators | casts | memory-bound MB written |"
+        "| kernel operators | casts | memory-bound MiB written |"
     )
     rows = [head, _rule(head)]
     for r in results:
@@ -293,18 +305,18 @@ def count_table(results: list[dict]) -> str:
             f"| {Path(r['config']).stem} | {r['client']} ({'+'.join(r['tasks'])}) | {r['amp']} "
             f"| {r['batch_size']} | {1e3 * r['tflop_per_micro_batch']:.1f} | {ops['total']} "
             f"| {ops['views']} | {ops['allocations']} | {kernels} | {ops['casts']} "
-            f"| {ops['memory_bound_mb_written']:.0f} |"
+            f"| {ops['memory_bound_mib_written']:.0f} |"
         )
     return "\n".join(rows)
 
 
 def operator_table(result: dict, top: int = 12) -> str:
     """The memory-bound operators of one ``--count`` result that write the most bytes."""
-    head = "| operator | calls | MB written |"
+    head = "| operator | calls | MiB written |"
     rows = [f"{Path(result['config']).stem}, {result['amp']}:", head, _rule(head)]
     ops = result["operators_per_micro_batch"]["by_operator"]
     bound = [(name, op) for name, op in ops.items() if op["kind"] == "memory-bound"][:top]
-    rows += [f"| `{name}` | {op['calls']} | {op['mb_written']:.0f} |" for name, op in bound]
+    rows += [f"| `{name}` | {op['calls']} | {op['mib_written']:.0f} |" for name, op in bound]
     return "\n".join(rows)
 
 
@@ -394,7 +406,7 @@ def table(results: list[dict]) -> str:
     head = (
         "| config | client | amp | graphs | micro-batches | round s | phases g/r/p s "
         "| micro-batch ms | bare ms | samples/s | GFLOP/mb | ops/mb (views, casts) | TFLOP/s | MFU "
-        "| bare MFU | syncs/mb | peak GB |"
+        "| bare MFU | syncs/mb | peak GiB |"
     )
     rows = [head, _rule(head)]
     for r in results:
@@ -410,7 +422,7 @@ def table(results: list[dict]) -> str:
             f"| {r['tflops']:.2f} "
             f"| {_pct(r['mfu'])} | {_pct(r['bare_mfu'])} "
             f"| {_or_dash(r['host_syncs_per_micro_batch'])} "
-            f"| {r['peak_memory_gb']:.1f} |"
+            f"| {r['peak_memory_gib']:.1f} |"
         )
     return "\n".join(rows)
 
@@ -433,7 +445,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1, help="untimed client-rounds first")
     p.add_argument("--repeats", type=int, default=2, help="timed client-rounds (median)")
     p.add_argument("--bare", type=int, default=20, help="micro-batches of the bare loop")
-    p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="config override (repeatable); repetitions are --warmup/--repeats, not bench.*",
+    )
+    p.add_argument(
+        "--threads", type=int, help="intra-op threads (default: torch's, every usable core)"
+    )
     p.add_argument("--profile", action="store_true", help="profile a few micro-batches")
     p.add_argument(
         "--count",
@@ -443,8 +465,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--json",
         type=Path,
-        default=RESULTS / "round.json",
-        help="where to write the results (default benchmarks/results/round.json)",
+        help="where to write the results (default benchmarks/results/round.json; with --count, "
+        "count.json)",
     )
     return p
 
@@ -469,7 +491,7 @@ def _peak(device: torch.device, dtype: str) -> float | None:
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    return next((peaks[dtype] for key, peaks in PEAKS if key in name), None)
+    return next((peaks.get(dtype) for key, peaks in PEAKS if key in name), None)
 
 
 def _device_name(device: torch.device) -> str:

@@ -7,13 +7,17 @@ is sampled in every round.
 
 - weak: each rank hosts ``--clients-per-rank`` clients, so the clients per round grow with the
   ranks; efficiency ``t(1) / t(N)``.
-- strong: ``--clients`` clients per round, split over the ranks; efficiency ``t(1) / (N t(N))``.
+- strong: ``--clients`` clients per round, split over the ranks (default: as many as the largest
+  world size, at least 4, so no rank idles); efficiency ``t(1) / (N t(N))``. With fewer clients
+  than ranks the extra ranks idle and the efficiency shows it.
 
 ``t(N)`` is the round time on N ranks: rank 0's seconds per round from the loop's metrics record
 (training, the all_reduce that waits for the slowest rank, averaging), median over
 ``bench.repeats`` rounds after ``bench.warmup``. Efficiencies are relative to the smallest world
 size measured; 1.0 is perfect scaling. Each rank runs ``--threads`` intra-op threads (default 1);
-more ranks than cores oversubscribe the CPU, and the table says so.
+more ranks on a node than its cores oversubscribe the CPU, and the table says so. Each world
+size's rows are written to the JSON as soon as they are measured, so a failing larger world keeps
+the smaller ones.
 
     python -m benchmarks.scaling                                # gloo, 1 2 4 local ranks
     python -m benchmarks.scaling --world 1 2 4 8 --set dist.device=cuda   # one rank per GPU
@@ -23,6 +27,7 @@ more ranks than cores oversubscribe the CPU, and the table says so.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from benchmarks.common import (
@@ -44,7 +49,7 @@ from benchmarks.common import (
     write_json,
 )
 from tapdist.config import Config, load_config
-from tapdist.dist import init_context
+from tapdist.dist import detect_launch, init_context
 from tapdist.fl.loop import RoundLoop
 
 MODES = ("weak", "strong")
@@ -62,16 +67,22 @@ def main(argv: list[str] | None = None) -> int:
         rows = worker(args)
         if rows is None:
             return 0
-    else:
-        rows = []
-        for world in args.world:
-            print(f"scaling: {world} rank(s), {' and '.join(args.modes)}", flush=True)
-            command = rank_command(
-                args.launcher, world, "benchmarks.scaling", _worker_args(args), args.launcher_args
-            )
-            for row in run_ranks(command, args.threads):
-                print(f"  {row['mode']}: {row['round_s']:.3f} s per round", flush=True)
-                rows.append(row)
+        args.launcher = rows[0]["launcher"]  # what started this job, not the driver's option
+        report(args, hw, add_efficiency(rows))
+        return 0
+    if args.clients is None:
+        args.clients = max(4, *args.world)
+    rows = []
+    for world in args.world:
+        print(f"scaling: {world} rank(s), {' and '.join(args.modes)}", flush=True)
+        command = rank_command(
+            args.launcher, world, "benchmarks.scaling", _worker_args(args), args.launcher_args
+        )
+        for row in run_ranks(command, args.threads):
+            print(f"  {row['mode']}: {row['round_s']:.3f} s per round", flush=True)
+            rows.append(row)
+        if world != args.world[-1]:
+            write_json(args.json, _payload(args, hw, add_efficiency(rows)))
     report(args, hw, add_efficiency(rows))
     return 0
 
@@ -101,7 +112,10 @@ def _parser() -> argparse.ArgumentParser:
         "--clients-per-rank", type=int, default=2, help="weak scaling: clients each rank hosts"
     )
     parser.add_argument(
-        "--clients", type=int, default=4, help="strong scaling: clients per round, all ranks"
+        "--clients",
+        type=int,
+        help="strong scaling: clients per round, all ranks (default the largest world size, "
+        "at least 4)",
     )
     add_arguments(parser, "scaling")
     return parser
@@ -119,19 +133,28 @@ def _worker_args(args: argparse.Namespace) -> list[str]:
 
 def federation_config(args: argparse.Namespace, mode: str, world: int) -> Config:
     """``args.config`` with ``clients`` identical clients, all of them in every round."""
-    clients = args.clients_per_rank * world if mode == "weak" else args.clients
-    return identical_clients(args, clients, clients)
+    if mode == "weak":
+        clients = args.clients_per_rank * world
+    else:
+        clients = args.clients if args.clients is not None else max(4, world)
+    idle = ["dist.allow_idle_ranks=true"] if clients < world else []  # strong, past its clients
+    return identical_clients(args, clients, clients, idle)
 
 
 def worker(args: argparse.Namespace) -> list[dict] | None:
     """Every rank: time the rounds of each mode at this world size; rank 0 returns the rows."""
     set_threads(args.threads)
     ctx = init_context(load_config(args.config, args.overrides).dist)
+    where = {
+        "launcher": ctx.launcher,
+        "ranks_per_node": detect_launch().local_world_size,
+        "cores_per_node": os.cpu_count(),
+    }
     rows = []
     try:
         for mode in args.modes:
             cfg = federation_config(args, mode, ctx.world_size)
-            rows.append({"mode": mode, **time_rounds(cfg, ctx)})
+            rows.append({"mode": mode, **time_rounds(cfg, ctx), **where})
     finally:
         ctx.close()
     return rows if ctx.rank == 0 else None
@@ -180,16 +203,25 @@ def add_efficiency(rows: list[dict]) -> list[dict]:
     return rows
 
 
+def oversubscribed(rows: list[dict], threads: int) -> list[int]:
+    """World sizes whose CPU ranks on a node, times their threads, outnumber its cores."""
+    return sorted(
+        {
+            r["world"]
+            for r in rows
+            if r["device"] == "cpu" and r["ranks_per_node"] * threads > r["cores_per_node"]
+        }
+    )
+
+
 def report(args: argparse.Namespace, hw: dict, rows: list[dict]) -> None:
     cfg = load_config(args.config, args.overrides)
-    cores = hw["cpus_usable"] or hw["cpus"]
-    over = [r["world"] for r in rows if r["device"] == "cpu" and r["world"] * args.threads > cores]
+    over = oversubscribed(rows, args.threads)
     note = ""
     if over:
         note = (
-            f" World sizes {sorted(set(over))} oversubscribe the {cores} cores "
-            f"({args.threads} thread(s) per rank): their efficiency measures sharing cores, "
-            "not the runtime."
+            f" World sizes {over} put more ranks x threads ({args.threads} per rank) on a "
+            "node than it has cores: their efficiency measures sharing cores, not the runtime."
         )
     print(
         f"{describe(hw)}. `{shown(args.config)}`, every client: {'+'.join(args.tasks)}, "
@@ -216,7 +248,12 @@ def report(args: argparse.Namespace, hw: dict, rows: list[dict]) -> None:
         for r in sorted(rows, key=lambda r: (MODES.index(r["mode"]), r["world"]))
     ]
     print(markdown_table(headers, body))
-    payload = {
+    print(f"\nwrote {write_json(args.json, _payload(args, hw, rows))}")
+
+
+def _payload(args: argparse.Namespace, hw: dict, rows: list[dict]) -> dict:
+    cfg = load_config(args.config, args.overrides)
+    return {
         "benchmark": "scaling",
         "command": "python -m benchmarks.scaling " + " ".join(sys.argv[1:]),
         "hardware": hw,
@@ -232,11 +269,10 @@ def report(args: argparse.Namespace, hw: dict, rows: list[dict]) -> None:
             "warmup": cfg.bench.warmup,
             "repeats": cfg.bench.repeats,
             "overrides": args.overrides,
-            "oversubscribed_world_sizes": sorted(set(over)),
+            "oversubscribed_world_sizes": oversubscribed(rows, args.threads),
         },
         "rows": rows,
     }
-    print(f"\nwrote {write_json(args.json, payload)}")
 
 
 if __name__ == "__main__":

@@ -277,11 +277,17 @@ def benchmark_list(folder: Path) -> str:
 
 
 def run_benchmark(name: str, args: list[str], folder: Path) -> int:
-    """Run ``folder``/NAME.py as ``python -m <folder name>.NAME ARGS...`` from the folder's
-    parent (the repository root); its exit status."""
+    """Run ``folder``/NAME.py as ``python -m <folder name>.NAME ARGS...`` with the folder's
+    parent (the repository root) first on the module path, in the caller's working directory
+    (so relative paths in ARGS mean what they say); its exit status."""
     found = benchmarks_in(folder)
     if name not in found:
         known = ", ".join(found) or "none"
         raise CommandError(f"no benchmark '{name}' in {folder}; available: {known}")
-    command = [sys.executable, "-m", f"{folder.name}.{name}", *args]
-    return subprocess.call(command, cwd=folder.parent)
+    # python -m would put the working directory first on the module path, where a folder of
+    # the same name would shadow the checkout's: the root takes that place instead
+    boot = (
+        f"import runpy, sys; sys.path[0] = {str(folder.parent)!r}; "
+        f"runpy.run_module({f'{folder.name}.{name}'!r}, run_name='__main__', alter_sys=True)"
+    )
+    return subprocess.call([sys.executable, "-c", boot, *args])

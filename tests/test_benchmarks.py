@@ -49,6 +49,8 @@ def check_timing_row(row: dict, world: int) -> None:
     assert row["world"] == world
     assert row["round_params"] > 0 and row["round_tensors"] > 0
     assert row["pack_ms"] > 0 and row["finalize_ms"] > 0
+    assert len(row["uploads_per_rank"]) == world
+    assert sum(row["uploads_per_rank"]) == len(row["round_clients"])  # each packed on its host
     assert row["union_ms"] >= 0.99 * (row["pack_ms"] + row["finalize_ms"])
     if world == 1:  # one rank sends nothing: no bandwidth, no efficiency
         assert row["wire_bytes"] == 0 and row["efficiency"] is None
@@ -129,12 +131,15 @@ def test_comm_under_mpiexec_with_the_mpi_backend(tmp_path):
     run_command(
         [
             *(mpiexec, "-n", "2", sys.executable, "-m", "benchmarks.comm"),
-            *("--backend", "mpi", "--dtype", "fp32", "--config", SMOKE, "--bytes-configs"),
+            *("--backend", "mpi", "--dtype", "fp32", "bf16", "--config", SMOKE),
+            "--bytes-configs",
             *("--json", str(out), *ONE_ROUND),
         ]
     )
-    result = json.loads(out.read_text())
-    assert [(r["backend"], r["world"]) for r in result["timing"]] == [("mpi", 2)]
+    result = json.loads(out.read_text())  # MPI has no bf16 sum: skipped, fp32 kept
+    assert [(r["backend"], r["world"], r["dtype"]) for r in result["timing"]] == [
+        ("mpi", 2, "fp32")
+    ]
     check_timing_row(result["timing"][0], world=2)
 
 
@@ -170,6 +175,20 @@ def test_scaling_efficiency_against_the_smallest_world():
     assert out[("strong", 4)]["speedup"] == pytest.approx(1.6)
 
 
+def test_scaling_strong_mode_past_its_clients_lets_ranks_idle(tmp_path):
+    args = scaling._parser().parse_args(["--config", str(SMOKE_CONFIG), "--clients", "2"])
+    cfg = scaling.federation_config(args, "strong", 4)
+    assert cfg.federation.clients == 2 and cfg.dist.allow_idle_ranks
+    assert not scaling.federation_config(args, "strong", 2).dist.allow_idle_ranks
+    args.clients = None  # the default: as many clients as ranks, at least 4
+    assert scaling.federation_config(args, "strong", 8).federation.clients == 8
+    assert scaling.federation_config(args, "strong", 2).federation.clients == 4
+    node = {"device": "cpu", "cores_per_node": 4}
+    rows = [{**node, "world": w, "ranks_per_node": r} for w, r in ((4, 4), (8, 4), (8, 8))]
+    assert scaling.oversubscribed(rows, threads=1) == [8]  # 8 ranks on one 4-core node
+    assert scaling.oversubscribed(rows, threads=2) == [4, 8]  # 2 threads each
+
+
 def test_clients_memory_grows_by_client_states(tmp_path):
     result = run_main(clients, tmp_path, *("--clients", "4", "--per-round", "2", "--samples", "8"))
     (row,) = result["rows"]
@@ -191,6 +210,11 @@ def test_round_bytes_counts_a_config_schedule(tmp_path, capsys):
     assert row["rounds"] == 200 and len(row["round_params"]) == 200
     assert row["union_params"] == pytest.approx(114.7e6, rel=0.001)
     assert 0 < row["round_params_mean"] < row["round_params_max"] <= row["union_params"]
+    # a round's buffer against its two clients' full fp32 uploads, frozen towers included
+    assert row["full_upload_bytes_mean"] > 8 * row["round_params_mean"]
+    shrink = row["shrink_mean"]
+    assert 1 < shrink["fp64"] < shrink["fp32"] < shrink["bf16"]
+    assert shrink["fp32"] == pytest.approx(2 * shrink["fp64"], rel=1e-3)
     assert "| `configs/paper_flava.yaml` | 200 | 114.7M |" in capsys.readouterr().out
 
 
@@ -213,17 +237,17 @@ def test_round_count_counts_a_micro_batch_without_timing_it(tmp_path, capsys):
     args = ["--config", FLAVA, "--tiny", "--count", "--device", "cpu", "--amp", "bf16", "off"]
     assert round_bench.main([*args, "--json", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "paper_flava, bf16:\n| operator | calls | MB written |" in printed
+    assert "paper_flava, bf16:\n| operator | calls | MiB written |" in printed
     assert "| `add` |" in printed and "| `mm` |" not in printed  # memory-bound ones only
     bf16, fp32 = json.loads(out.read_text())["results"]
     assert (bf16["amp"], fp32["amp"]) == ("bf16", "fp32") and "round_s" not in bf16
     for row in (bf16, fp32):
         ops = row["operators_per_micro_batch"]
         assert row["tflop_per_micro_batch"] > 0 and 0 < ops["views"] < ops["total"]
-        assert ops["memory_bound_mb_written"] > 0
+        assert ops["memory_bound_mib_written"] > 0
         by_operator = ops["by_operator"]  # the non-view operators, the largest outputs first
         assert sum(op["calls"] for op in by_operator.values()) == ops["total"] - ops["views"]
-        sizes = [op["mb_written"] for op in by_operator.values()]
+        sizes = [op["mib_written"] for op in by_operator.values()]
         assert sizes == sorted(sizes, reverse=True)
         kinds = {name: op["kind"] for name, op in by_operator.items()}
         assert (kinds["mm"], kinds["add"], kinds["empty_like"]) == (
@@ -233,8 +257,8 @@ def test_round_count_counts_a_micro_batch_without_timing_it(tmp_path, capsys):
         )
         allocations = [op["calls"] for op in by_operator.values() if op["kind"] == "allocation"]
         assert sum(allocations) == ops["allocations"] > 0
-        bound = [op["mb_written"] for op in by_operator.values() if op["kind"] == "memory-bound"]
-        assert sum(bound) == pytest.approx(ops["memory_bound_mb_written"])
+        bound = [op["mib_written"] for op in by_operator.values() if op["kind"] == "memory-bound"]
+        assert sum(bound) == pytest.approx(ops["memory_bound_mib_written"])
     # fp32 casts nothing; bf16 casts matmul inputs and trainable weights
     assert fp32["operators_per_micro_batch"]["casts"] == 0
     assert bf16["operators_per_micro_batch"]["casts"] > 0

@@ -181,6 +181,14 @@ def test_bench_runs_a_script_as_python_m_would(bench_folder, tmp_path):
     assert run_benchmark("tiny", [str(out), "--x", "1"], bench_folder) == 0
     assert out.read_text() == "hello tiny.py ['--x', '1']"
     assert run_benchmark("tiny", [str(out), "--fail"], bench_folder) == 3
+
+
+def test_bench_keeps_the_callers_working_directory(bench_folder, tmp_path, monkeypatch):
+    here = tmp_path / "elsewhere"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    assert run_benchmark("tiny", ["out.txt"], bench_folder) == 0  # a relative path: from here
+    assert (here / "out.txt").read_text() == "hello tiny.py []"
     with pytest.raises(CommandError, match="no benchmark 'by_main'"):
         run_benchmark("by_main", [], bench_folder)
 
