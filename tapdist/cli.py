@@ -87,6 +87,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="RUN_DIR",
         help="continue the run in RUN_DIR from its newest complete checkpoint",
     )
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in a run folder that holds an earlier run: its checkpoints, results "
+        "and final models are removed once every input check has passed",
+    )
     train.set_defaults(func=_train)
 
     config = sub.add_parser("config", help="print the resolved config, or every key")
@@ -165,7 +171,8 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.resume is not None and args.run_dir is not None and args.run_dir != args.resume:
         raise ConfigError(f"--resume {args.resume} and --run-dir {args.run_dir}: give one folder")
-    train(cfg, args.resume or args.run_dir or cfg.run_dir, resume=args.resume is not None)
+    run_dir = args.resume or args.run_dir or cfg.run_dir
+    train(cfg, run_dir, resume=args.resume is not None, overwrite=args.overwrite)
     return 0
 
 

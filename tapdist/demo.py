@@ -11,7 +11,6 @@ comparison table is printed at the end.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -39,15 +38,12 @@ def demo(
     run_dir = Path(run_dir or cfg.run_dir)
     federation = run_dir / "federation.h5"
     started = time.perf_counter()
+    overwrite = _earlier_demo(run_dir, cfg.run.name)  # another run's folder: refused first
     if rebuild or not federation.is_file():
         from tapdist.data.build import build_federation
 
         print(f"building the demo federation -> {federation}", file=sys.stderr, flush=True)
         build_federation(DEMO_SPEC, federation)
-    earlier = run_dir / "checkpoints"
-    if earlier.is_dir():  # the demo starts over; `tapdist train` would refuse to mix the runs
-        print(f"removing an earlier demo's checkpoints: {earlier}", file=sys.stderr, flush=True)
-        shutil.rmtree(earlier)
     command = local_torchrun_command(
         processes,
         [
@@ -58,6 +54,7 @@ def demo(
             "--set",
             f"data.path={federation.resolve()}",
             *[arg for item in overrides for arg in ("--set", item)],
+            *(["--overwrite"] if overwrite else []),
         ],
     )
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
@@ -72,3 +69,21 @@ def demo(
         file=sys.stderr,
     )
     return 0
+
+
+def _earlier_demo(run_dir: Path, name: str) -> bool:
+    """Whether ``run_dir`` holds an earlier demo's checkpoints, which this demo replaces (once
+    its input checks pass, as `tapdist train --overwrite` does); another run's are refused."""
+    from tapdist.fl.checkpoints import newest_checkpoint
+
+    earlier = newest_checkpoint(run_dir / "checkpoints")
+    if earlier is None:
+        return False
+    ran = earlier.manifest["config"].get("run", {}).get("name")
+    if ran != name:
+        raise ConfigError(
+            f"{run_dir} holds the checkpoints of run '{ran}', not of an earlier demo; give the "
+            "demo another --run-dir"
+        )
+    print(f"starting over: the earlier demo in {run_dir} is replaced", file=sys.stderr, flush=True)
+    return True

@@ -94,10 +94,17 @@ class Progress:
     place instead of printing those lines."""
 
     def __init__(
-        self, label: str, total: int, bar: bool = True, width: int = 24, quiet_s: float = 30.0
+        self,
+        label: str,
+        total: int,
+        bar: bool = True,
+        width: int = 24,
+        quiet_s: float = 30.0,
+        done: int = 0,
     ):
+        """``total`` steps, ``done`` of them already (a resumed job's rounds)."""
         self.label, self.total, self.width, self.quiet_s = label, total, width, quiet_s
-        self.done = 0
+        self.done = done
         self.started = self.last_line = time.perf_counter()
         self.tty = bar and sys.stderr.isatty()
         self.last_drawn = (0.0, "")

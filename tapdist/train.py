@@ -6,16 +6,18 @@ import contextlib
 import json
 import logging
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 import torch
 
 from tapdist.checkpoint import save_state, save_states, write_text
-from tapdist.config import Config, ConfigError, dump_config
+from tapdist.config import Config, ConfigError
 from tapdist.dist import DistContext, DistError, init_context
 from tapdist.dist.faults import inject_fault
 from tapdist.dist.launch import restart_count
@@ -26,20 +28,38 @@ from tapdist.fl.topology import Topology
 from tapdist.logs import rank_log_file, require_tensorboard, setup_logging
 from tapdist.registry import ALGORITHMS, MODELS, load_builtins, load_plugins
 from tapdist.results import format_table, write_results
+from tapdist.run_dir import RunLock, check_writable, start_fresh
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+#: the exit status of a run stopped by Ctrl-C (128 + SIGINT, as a shell reports it)
+INTERRUPTED = 130
 
 
-def train(cfg: Config, run_dir: Path, resume: bool = False) -> None:
+def train(cfg: Config, run_dir: Path, resume: bool = False, overwrite: bool = False) -> None:
     """Join the other ranks, run every round (from the newest checkpoint in ``run_dir`` when
-    ``resume``), and write the run folder."""
+    ``resume``; over an earlier run's checkpoints when ``overwrite``), and write the run
+    folder."""
     load_builtins()
     load_plugins(cfg.run.plugins, Path(cfg.source).parent if cfg.source else None)
     ctx = init_context(cfg.dist)
+    lock: list[RunLock] = []  # the server's claim on the folder, once its checks passed
     try:
-        _train(cfg, ctx, run_dir, resume)
+        _train(cfg, ctx, run_dir, resume, overwrite, lock)
+    except KeyboardInterrupt:
+        _release(lock)
+        if ctx.rank == 0:  # Ctrl-C reaches every rank of a terminal's job
+            print(
+                f"tapdist: interrupted; continue from the newest checkpoint with `tapdist "
+                f"train CONFIG --resume {run_dir}`",
+                file=sys.stderr,
+                flush=True,
+            )
+        if ctx.is_distributed:
+            ctx.abort(INTERRUPTED)
+        raise SystemExit(INTERRUPTED) from None
     except Exception as err:
+        _release(lock)
         if not ctx.is_distributed:
             raise
         # The other ranks would wait for this one until their collectives time out, and a
@@ -47,14 +67,35 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> None:
         if not isinstance(err, Reported):
             report(err, ctx.rank)
         ctx.abort(exit_code(err))
+    _release(lock)
     ctx.close()
 
 
-def _train(cfg: Config, ctx: DistContext, run_dir: Path, resume: bool) -> None:
+def _release(lock: list[RunLock]) -> None:
+    for held in lock:
+        held.release()
+    lock.clear()
+
+
+@dataclass
+class Resume:
+    """The checkpoint a job goes on from, with what this rank read of it."""
+
+    checkpoint: Checkpoint
+    state: dict  # the global state
+    clients: dict  # what the algorithm kept for this rank's clients
+
+    def __getattr__(self, name: str):  # folder, manifest, round, algorithm_index, finished
+        return getattr(self.checkpoint, name)
+
+
+def _train(
+    cfg: Config, ctx: DistContext, run_dir: Path, resume: bool, overwrite: bool, lock: list
+) -> None:
     logging_args = (ctx.rank, ctx.world_size, cfg.run.log_level, cfg.run.log_all_ranks)
     setup_logging(*logging_args, is_server=ctx.rank == 0)
     started = time.perf_counter()
-    ready = _on_every_rank(ctx, lambda: _prepare(cfg, ctx, run_dir, resume))
+    ready = _on_every_rank(ctx, lambda: _prepare(cfg, ctx, run_dir, resume, overwrite, lock))
     names, model, topology, checkpoints, start = ready
     if cfg.run.log_files:  # only now: bad input must leave the run folder untouched
         log_file = rank_log_file(run_dir, ctx.rank)
@@ -64,7 +105,7 @@ def _train(cfg: Config, ctx: DistContext, run_dir: Path, resume: bool) -> None:
     server = topology.is_server(ctx.rank)
     if server:
         if start is None:
-            _start_run_dir(cfg, run_dir)
+            start_fresh(cfg, run_dir)
         else:
             _trim_metrics(run_dir / "metrics.jsonl", names, start)
         log.info(
@@ -83,8 +124,10 @@ def _train(cfg: Config, ctx: DistContext, run_dir: Path, resume: bool) -> None:
     budget = [cfg.run.rounds_per_job or cfg.federation.rounds * len(names)]
     stop = StopRequest(ctx)
     for i, name in enumerate(names):
-        if start is not None and i < start.algorithm_index:
-            continue
+        if start is not None and (
+            i < start.algorithm_index or (i == start.algorithm_index and start.finished)
+        ):
+            continue  # its results came with the checkpoint
         job = (cfg, ctx, model, topology, checkpoints, run_dir)
         if not _run_algorithm(job, i, name, start, results, budget, stop):
             if server:
@@ -105,11 +148,17 @@ def _train(cfg: Config, ctx: DistContext, run_dir: Path, resume: bool) -> None:
     ctx.barrier("end of run")
 
 
-def _prepare(cfg: Config, ctx: DistContext, run_dir: Path, resume: bool) -> tuple:
+def _prepare(
+    cfg: Config, ctx: DistContext, run_dir: Path, resume: bool, overwrite: bool, lock: list
+) -> tuple:
     """Everything that reads the input and writes nothing: the model and its data files, the
-    placement, the checkpoint to resume from, and the data of the clients this rank hosts (so
-    that a damaged file fails now, not in the middle of the run)."""
-    names = _algorithms(cfg)
+    placement, the checkpoint to resume from (read whole, so a damaged one fails now), and the
+    data of the clients this rank hosts (so that a damaged file fails now, not in the middle of
+    the run). Last, the server claims the run folder."""
+    if resume and overwrite:
+        raise ConfigError("--resume goes on with a run and --overwrite starts over: give one")
+    names = algorithm_names(cfg)
+    check_writable(run_dir)
     if cfg.run.tensorboard and ctx.rank == 0:
         require_tensorboard()  # the server writes the scalars
     model = MODELS.get(cfg.model.name)(cfg, ctx.device)
@@ -130,18 +179,25 @@ def _prepare(cfg: Config, ctx: DistContext, run_dir: Path, resume: bool) -> tupl
     start = None
     if resume:
         start = _resume_point(checkpoints, run_dir, names, required=True)
-    elif restart_count() > 0:  # a launcher restarted the job: go on from its last checkpoint
+    elif restart_count() > 0:  # a launcher restarted the job: go on from its checkpoint
         start = _resume_point(checkpoints, run_dir, names, required=False)
-    for client in topology.clients_of(ctx.rank):
+    hosted = topology.clients_of(ctx.rank)
+    if start is not None:
+        state = start.global_state() if not start.finished else {}
+        clients = start.client_states(set(hosted)) if not start.finished else {}
+        start = Resume(start, state, clients)
+    for client in hosted:
         model.train_data(client)
         model.test_data(client)
-    if start is None and (earlier := checkpoints.newest()) is not None:
+    if start is None and not overwrite and (earlier := checkpoints.newest()) is not None:
         raise ConfigError(
             f"{run_dir} holds the checkpoints of an earlier run (newest: {earlier.folder.name}), "
             f"which a new run there would mix with its own; continue that run with `--resume "
-            f"{run_dir}`, start this one in another --run-dir, or delete {checkpoints.root} "
-            "to start over"
+            f"{run_dir}`, start this one in another --run-dir, or start over there with "
+            "--overwrite (which removes that run's checkpoints and results)"
         )
+    if topology.is_server(ctx.rank):
+        lock.append(RunLock.claim(run_dir))
     return names, model, topology, checkpoints, start
 
 
@@ -188,28 +244,30 @@ def _run_algorithm(
     loop = RoundLoop(cfg, ctx, model, algorithm, topology, run_dir / "metrics.jsonl", name)
     first, state = 0, None
     if start is not None and index == start.algorithm_index:
-        first, state = _restore(start, algorithm, topology.clients_of(ctx.rank), ctx.device)
+        first, state = _restore(start, algorithm, ctx.device)
     last = min(cfg.federation.rounds, first + budget[0])
-    done = [first]
+    done, stopped = [first], [False]
 
     def after_round(r: int, state: dict) -> bool:
         done[0] = r + 1
         inject_fault(ctx.rank, r)  # a testing aid, inert unless TAPDIST_FAULT is set
-        stopping = stop.agreed(f"round {r} stop check")
-        if checkpoints.due(r) or r + 1 == last or stopping:
+        stopped[0] = stop.agreed(f"round {r} stop check")
+        if checkpoints.due(r) or r + 1 == last or stopped[0]:
             checkpoints.save(index, name, algorithm, r + 1, state, results)
-        return stopping
+        return stopped[0]
 
     final = loop.run(state, first, last, after_round)
     budget[0] -= done[0] - first
-    if done[0] < cfg.federation.rounds:
-        return False
+    if done[0] < cfg.federation.rounds or stopped[0]:
+        return False  # a stop in the last round comes before the post-FL stage, too
     part, own = loop.finish(final)
     for method, per_client in part.items():
         results.setdefault(method, per_client)  # the main algorithm's entry wins
     if index == 0:
         server = topology.is_server(ctx.rank)
         _save_finals(cfg, ctx, run_dir, final if server else None, own)
+    # its last checkpoint now carries its results: a later job goes on with the next algorithm
+    checkpoints.finished(index, name, cfg.federation.rounds, results)
     return True
 
 
@@ -259,13 +317,13 @@ def _resume_point(
     return start
 
 
-def _restore(start: Checkpoint, algorithm, hosted, device: torch.device) -> tuple[int, dict]:
+def _restore(start: Resume, algorithm, device: torch.device) -> tuple[int, dict]:
     """The checkpoint's round and global state (on ``device``, where a fresh run's starts),
     with the algorithm's state restored."""
     algorithm.load_state_dict(start.manifest["algorithm_state"])
-    for client, state in start.client_states(set(hosted)).items():
+    for client, state in start.clients.items():
         algorithm.load_client_state(client, state)
-    return start.round, {n: t.to(device) for n, t in start.global_state().items()}
+    return start.round, {n: t.to(device) for n, t in start.state.items()}
 
 
 def _trim_metrics(path: Path, names: list[str], start: Checkpoint) -> None:
@@ -286,30 +344,32 @@ def _trim_metrics(path: Path, names: list[str], start: Checkpoint) -> None:
                 ) from None
             log.warning("%s: dropping its last line, cut short by an interrupted job", path)
             continue
+        if (
+            not isinstance(record, dict)
+            or record.get("algorithm") not in names
+            or not isinstance(record.get("round"), int)
+        ):
+            raise ConfigError(
+                f"{path}, line {number}: not a round record of this run's algorithms "
+                f"({', '.join(names)}); repair or remove the line and resume again"
+            )
         index = names.index(record["algorithm"])
         if (index, record["round"]) < (start.algorithm_index, start.round):
             kept.append(line)
     write_text(path, "".join(x + "\n" for x in kept))
 
 
-def _algorithms(cfg: Config) -> list[str]:
+def algorithm_names(cfg: Config) -> list[str]:
+    """The algorithm and its baselines, in run order; an unknown or repeated name fails here,
+    before any work."""
     names = [cfg.federation.algorithm, *cfg.federation.baselines]
     for name in names:
-        ALGORITHMS.get(name)  # an unknown name fails here, before any work
+        ALGORITHMS.get(name)
     if len(set(names)) != len(names):
         raise ConfigError(
             f"federation.algorithm and federation.baselines name an algorithm twice: {names}"
         )
     return names
-
-
-def _start_run_dir(cfg: Config, run_dir: Path) -> None:
-    """The resolved config, an empty metrics file, and no personal states of an earlier run
-    (their files are per rank, so a run at another world size would leave extra ones)."""
-    write_text(run_dir / "config.yaml", dump_config(cfg))
-    write_text(run_dir / "metrics.jsonl", "")
-    for old in (run_dir / "final").glob("personal-*.h5"):
-        old.unlink()
 
 
 def _save_finals(cfg: Config, ctx: DistContext, run_dir: Path, final, own: dict) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -13,13 +14,14 @@ import pytest
 import torch
 from conftest import SMOKE_CONFIG, TESTS, torchrun_command
 
+import tapdist.train
 from tapdist.checkpoint import load_state, load_states, save_states
 from tapdist.cli import main
 from tapdist.config import ConfigError, load_config
-from tapdist.fl.checkpoints import Checkpoint
+from tapdist.fl.checkpoints import Checkpoint, CheckpointDamaged
 from tapdist.models.federated import TapFederation
 from tapdist.registry import ALGORITHMS, load_builtins
-from tapdist.train import _restore, train
+from tapdist.train import Resume, _restore, train
 
 DYING_PLUGIN = TESTS / "plugins" / "dying.py"
 PREEMPTED_PLUGIN = TESTS / "plugins" / "preempted.py"
@@ -114,11 +116,125 @@ def test_a_restored_global_state_lands_on_the_runs_device(tmp_path):
     cfg = load_config(SMOKE_CONFIG, SETTINGS)
     folder = run_dir / "checkpoints" / "0-tap-round000001"
     start = Checkpoint(folder, json.loads((folder / "MANIFEST.json").read_text()))
+    start = Resume(start, start.global_state(), start.client_states({0, 1}))
     model = TapFederation(cfg, torch.device("cpu"))
     load_builtins()
     meta = torch.device("meta")  # stands in for a GPU: anything but where the file is read
-    _, state = _restore(start, ALGORITHMS.get("tap")(cfg, model), [0, 1], meta)
+    _, state = _restore(start, ALGORITHMS.get("tap")(cfg, model), meta)
     assert state and all(t.device == meta for t in state.values())
+
+
+def files_of(run_dir) -> dict:
+    return {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+
+
+def test_a_damaged_checkpoint_stops_the_resume_before_anything_changes(tmp_path):
+    run_dir = tmp_path / "run"
+    run_cli(run_dir, "--set", "run.rounds_per_job=2")
+    newest = run_dir / "checkpoints" / "0-tap-round000002"
+    manifest = (newest / "MANIFEST.json").read_text()
+    cfg = load_config(SMOKE_CONFIG, SETTINGS)
+    hint = "Delete .*0-tap-round000002 to resume from 0-tap-round000001"
+
+    def refused(match: str) -> None:
+        before = files_of(run_dir)
+        with pytest.raises(CheckpointDamaged, match=match):
+            train(cfg, run_dir, resume=True)
+        assert files_of(run_dir) == before  # metrics.jsonl not trimmed, nothing written
+
+    ranks = newest / "clients-rank0000.h5"
+    ranks.rename(tmp_path / "kept.h5")  # a rank's file lost (a node-local disk, say)
+    refused(f"clients-rank0000.h5.*{hint}")
+    (tmp_path / "kept.h5").rename(ranks)
+    whole = (newest / "global.h5").read_bytes()
+    (newest / "global.h5").write_bytes(whole[:4000])  # cut short
+    refused(f"global.h5.*{hint}")
+    (newest / "global.h5").write_bytes(whole)
+    for edited in ("{not json", json.dumps({**json.loads(manifest), "config": None}), "[1, 2]"):
+        (newest / "MANIFEST.json").write_text(edited)
+        refused(f"MANIFEST.json.*{hint}")
+    (newest / "MANIFEST.json").write_text(manifest)
+    train(cfg, run_dir, resume=True)  # repaired: it resumes
+
+
+def test_a_copy_of_a_checkpoint_folder_is_neither_read_nor_pruned(tmp_path, uninterrupted):
+    run_dir = tmp_path / "run"
+    run_cli(run_dir, "--set", "run.rounds_per_job=1")
+    backup = run_dir / "checkpoints" / "0-tap-round000001.bak"
+    shutil.copytree(run_dir / "checkpoints" / "0-tap-round000001", backup)
+    run_cli(run_dir, resume=True)
+    assert_same_outcome(run_dir, uninterrupted)
+    assert (backup / "MANIFEST.json").exists()
+
+
+def test_a_finished_algorithm_is_not_run_again_by_the_next_job(tmp_path, uninterrupted, capsys):
+    """With run.rounds_per_job = the rounds, the first job ends TAP (its post-FL stage too)
+    and stops before Local; its last checkpoint carries TAP's results, so the second job
+    starts with Local."""
+    run_dir = tmp_path / "run"
+    run_cli(run_dir, "--set", "run.rounds_per_job=3")
+    manifest = json.loads((run_dir / "checkpoints/0-tap-round000003/MANIFEST.json").read_text())
+    assert manifest["finished"] and {"tap", "fedavg", "fedavg_ft"} <= set(manifest["results"])
+    capsys.readouterr()
+    # with the config the run folder keeps, as the docs advise
+    assert main(["train", str(run_dir / "config.yaml"), "--resume", str(run_dir)]) == 0
+    said = capsys.readouterr().err
+    assert "tap post-FL" not in said and "tap rounds" not in said and "local rounds 1/3" in said
+    assert_same_outcome(run_dir, uninterrupted)
+
+
+def test_a_stop_in_the_last_round_comes_before_the_post_fl_stage(tmp_path):
+    """SIGTERM in the last round: the job stops with that round's checkpoint instead of
+    running the post-FL stage past the scheduler's grace period; --resume finishes."""
+    two = ["--set", "federation.rounds=2", "--set", "federation.baselines=[]"]
+    reference, run_dir = tmp_path / "whole", tmp_path / "run"
+    run_cli(reference, *two)
+    preempted = ["--set", f"run.plugins=[{PREEMPTED_PLUGIN}]"]
+    run_cli(run_dir, *two, *preempted, "--set", "federation.algorithm=tap_preempted")
+    assert not (run_dir / "results.json").exists()
+    manifest = run_dir / "checkpoints" / "0-tap_preempted-round000002" / "MANIFEST.json"
+    assert not json.loads(manifest.read_text()).get("finished")
+    resume = [*two, *preempted, "--set", "federation.algorithm=tap_preempted"]
+    run_cli(run_dir, *resume, resume=True)
+    results = [json.loads((d / "results.json").read_text()) for d in (run_dir, reference)]
+    assert results[0] == results[1]
+
+
+def test_overwrite_starts_over_and_leaves_nothing_of_the_earlier_run(tmp_path):
+    run_dir = tmp_path / "run"
+    run_cli(run_dir, "--set", "federation.rounds=1", "--set", "run.tensorboard=false")
+    assert (run_dir / "results.json").exists() and (run_dir / "final" / "global.h5").exists()
+    run_cli(run_dir, "--overwrite", "--set", "run.rounds_per_job=1", "--set", "run.seed=7")
+    left = sorted(p.name for p in run_dir.iterdir())
+    assert left == ["checkpoints", "config.yaml", "metrics.jsonl"]  # no results of seed 41
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["0-tap-round000001"]
+    assert load_config(run_dir / "config.yaml").run.seed == 7
+    with pytest.raises(ConfigError, match="give one"):
+        train(load_config(SMOKE_CONFIG, SETTINGS), run_dir, resume=True, overwrite=True)
+
+
+def test_a_run_folder_another_run_holds_is_refused(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    other = {"host": socket.gethostname(), "pid": os.getppid(), "job": "", "since": "now"}
+    (run_dir / ".lock").write_text(json.dumps(other))
+    with pytest.raises(ConfigError, match=r"in use by another run \(process"):
+        train(load_config(SMOKE_CONFIG, SETTINGS), run_dir)
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]  # nothing written
+    (run_dir / ".lock").write_text(json.dumps({**other, "pid": 2**22 + 1}))  # a process gone
+    run_cli(run_dir, "--set", "federation.rounds=1", "--set", "federation.baselines=[]")
+    assert not (run_dir / ".lock").exists()  # released at the end
+
+
+def test_ctrl_c_names_the_way_on_and_exits_130(tmp_path, monkeypatch, capsys):
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tapdist.train, "_train", interrupted)
+    with pytest.raises(SystemExit) as stopped:
+        train(load_config(SMOKE_CONFIG, SETTINGS), tmp_path / "run")
+    assert stopped.value.code == 130
+    assert "interrupted; continue" in capsys.readouterr().err
 
 
 def test_resuming_refuses_a_changed_config_and_a_run_without_checkpoints(tmp_path):

@@ -172,7 +172,8 @@ def test_a_run_split_over_two_jobs_writes_one_log_and_one_set_of_scalars(tmp_pat
     text = rank_log_file(run_dir, 0).read_text()
     assert text.count("logs to") == 2  # both jobs, appended
     assert "stopped by run.rounds_per_job" in text and "resuming from" in text
-    assert "tap rounds 1/1 " in text and "tap post-FL stage and evaluation 5/5" in text
+    assert "tap rounds 2/2 " in text  # the second job's round counts as the run's second
+    assert "tap post-FL stage and evaluation 5/5" in text
     events = _scalars(run_dir / "tensorboard" / "tap")
     tags = set(events.Tags()["scalars"])
     expected = {

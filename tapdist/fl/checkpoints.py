@@ -9,10 +9,15 @@ A checkpoint is a folder ``RUN_DIR/checkpoints/<i>-<algorithm>-round<NNNNNN>/`` 
   same folder is always replaced or, from a rank the job no longer has, never read;
 - ``MANIFEST.json``, written last by the server once every rank has written its file: the
   algorithm, the round, the algorithm's shared state, the results of algorithms the job already
-  finished, and the resolved config.
+  finished, and the resolved config. When the algorithm has finished (its post-FL stage and
+  evaluation too) the server rewrites the manifest of its last checkpoint with its results and
+  ``finished: true``, so a later job goes on with the next algorithm and never redoes that one.
 
 Every file is written atomically (temp, fsync, rename) and a folder without its manifest is
-never read, so a crash mid-write leaves the previous checkpoint in charge. Sampling and client
+never read, so a crash mid-write leaves the previous checkpoint in charge. A checkpoint whose
+manifest or files cannot be read is damaged: resuming stops with a message that names it and
+the checkpoint before it, before anything in the run folder changes. Folders whose names do not
+have the form above (a backup copy, say) are neither read nor pruned. Sampling and client
 seeds are functions of (seed, round, client), so the round counter is the whole random state.
 A rank of a resumed run reads every ``clients-*.h5`` and keeps the clients it now hosts: the
 world size may change between jobs (the files must be on a filesystem every rank sees).
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +38,7 @@ from tapdist.dist import DistContext
 from tapdist.fl.algorithms import Algorithm
 from tapdist.fl.topology import Topology
 from tapdist.models.base import State
+from tapdist.run_dir import portable
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +48,22 @@ FORMAT = "tapdist-checkpoint"
 _FIXED = ("model", "federation", "train", "tap", "data")
 # and the keys of other sections that do (the seed; the averages' wire precision)
 _FIXED_KEYS = ("run.seed", "dist.transport_dtype")
+_FOLDER = re.compile(r"(\d+)-(.+)-round(\d{6})")
+# what a manifest holds, with the type of each value
+_MANIFEST_KEYS = {
+    "format": str,
+    "algorithm": str,
+    "algorithm_index": int,
+    "round": int,
+    "world_size": int,
+    "algorithm_state": dict,
+    "results": dict,
+    "config": dict,
+}
+
+
+class CheckpointDamaged(ConfigError):
+    """A complete checkpoint whose manifest or files cannot be read."""
 
 
 @dataclass(frozen=True)
@@ -59,22 +82,35 @@ class Checkpoint:
         """Rounds completed."""
         return self.manifest["round"]
 
+    @property
+    def finished(self) -> bool:
+        """Whether its algorithm finished (post-FL stage and evaluation included)."""
+        return bool(self.manifest.get("finished"))
+
     def global_state(self) -> State:
-        return load_state(self.folder / "global.h5")
+        return self._read(self.folder / "global.h5", load_state)
 
     def client_states(self, clients: set[int]) -> dict[int, State]:
         """What the algorithm kept for ``clients``, from the files of the ranks of the job that
-        wrote the checkpoint."""
+        wrote the checkpoint (every one of them wrote its file before the manifest)."""
         out = {}
         for rank in range(self.manifest["world_size"]):
             path = self.folder / f"clients-rank{rank:04d}.h5"
-            if not path.exists():  # written before every rank wrote its file
-                continue
-            for group, state in load_states(path).items():
+            for group, state in self._read(path, load_states).items():
                 client = int(group.removeprefix("client_"))
                 if client in clients:
                     out[client] = state
         return out
+
+    def _read(self, path: Path, load):
+        try:
+            return load(path)
+        except (OSError, KeyError, ValueError) as err:
+            raise CheckpointDamaged(
+                f"checkpoint {self.folder} is damaged: {path.name}: {err}; it must be on a "
+                "filesystem every rank sees, complete, as the job wrote it. "
+                + _fallback(self.folder)
+            ) from None
 
 
 class Checkpointer:
@@ -117,11 +153,23 @@ class Checkpointer:
                 "world_size": self.ctx.world_size,
                 "algorithm_state": algorithm.state_dict(),
                 "results": results,
-                "config": self.cfg.to_dict(),
+                "config": portable(self.cfg).to_dict(),  # as RUN_DIR/config.yaml holds it
             }
             write_text(folder / MANIFEST, json.dumps(manifest, indent=1))
             self._prune(folder)
             log.info("checkpoint: %s", folder)
+
+    def finished(self, index: int, name: str, rounds_done: int, results: dict) -> None:
+        """Mark the checkpoint after the last round of algorithm ``index`` as finished, with
+        the results so far (the server rewrites its manifest; the other ranks do nothing)."""
+        if not self.server:
+            return
+        path = self.root / f"{index}-{name}-round{rounds_done:06d}" / MANIFEST
+        if not path.exists():  # no round, no checkpoint (federation.rounds = 0)
+            return
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        manifest.update(finished=True, results=results)
+        write_text(path, json.dumps(manifest, indent=1))
 
     def latest(self) -> Checkpoint | None:
         """The newest complete checkpoint, checked against this run's config."""
@@ -132,17 +180,10 @@ class Checkpointer:
 
     def newest(self) -> Checkpoint | None:
         """The newest complete checkpoint in the run folder, whatever run wrote it."""
-        for folder in sorted(self.root.glob("*-round*"), key=_order, reverse=True):
-            try:
-                manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                continue  # not complete: a crash before its manifest
-            if manifest.get("format") == FORMAT:
-                return Checkpoint(folder, manifest)
-        return None
+        return newest_checkpoint(self.root)
 
     def _check_config(self, folder: Path, saved: dict) -> None:
-        now = self.cfg.to_dict()
+        now = portable(self.cfg).to_dict()
         changed = [
             f"{section}.{key}"
             for section in _FIXED
@@ -161,17 +202,63 @@ class Checkpointer:
 
     def _prune(self, newest: Path) -> None:
         """Keep the newest ``run.keep_checkpoints`` complete checkpoints, drop the rest."""
-        complete = [
-            f
-            for f in sorted(self.root.glob("*-round*"), key=_order, reverse=True)
-            if (f / MANIFEST).exists()
-        ]
+        folders = _folders(self.root)
+        complete = [f for f in folders if (f / MANIFEST).exists()]
         keep = set(complete[: self.cfg.run.keep_checkpoints]) | {newest}
-        for folder in self.root.glob("*-round*"):
+        for folder in folders:
             if folder not in keep and _order(folder) < _order(newest):
                 shutil.rmtree(folder, ignore_errors=True)
 
 
+def newest_checkpoint(root: Path) -> Checkpoint | None:
+    """The newest complete checkpoint under ``root`` (a run's ``checkpoints`` folder), whatever
+    run wrote it; a folder without a manifest is incomplete and skipped, one whose manifest
+    cannot be read is damaged (:class:`CheckpointDamaged`)."""
+    for folder in _folders(root):
+        path = folder / MANIFEST
+        if not path.exists():
+            continue  # not complete: a crash before its manifest
+        try:
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise CheckpointDamaged(
+                f"checkpoint {folder} is damaged: {MANIFEST}: {err}. {_fallback(folder)}"
+            ) from None
+        wrong = _manifest_problem(manifest)
+        if wrong:
+            raise CheckpointDamaged(
+                f"checkpoint {folder} is damaged: {MANIFEST} {wrong}. {_fallback(folder)}"
+            )
+        return Checkpoint(folder, manifest)
+    return None
+
+
+def _manifest_problem(manifest: object) -> str:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        return f"is not a {FORMAT} manifest"
+    for key, kind in _MANIFEST_KEYS.items():
+        if not isinstance(manifest.get(key), kind):
+            return f"has no {kind.__name__} '{key}'"
+    if any(not isinstance(manifest["config"].get(s), dict) for s in _FIXED):
+        return "has no complete 'config'"
+    return ""
+
+
+def _fallback(folder: Path) -> str:
+    """What to do about a damaged checkpoint: delete it, to resume from the one before."""
+    older = [f for f in _folders(folder.parent) if _order(f) < _order(folder)]
+    complete = [f for f in older if (f / MANIFEST).exists()]
+    if complete:
+        return f"Delete {folder} to resume from {complete[0].name}, the checkpoint before it"
+    return f"No complete checkpoint precedes it; delete {folder.parent} to start the run over"
+
+
+def _folders(root: Path) -> list[Path]:
+    """The checkpoint folders under ``root``, newest first; other names are not ours."""
+    found = [f for f in root.glob("*-round*") if f.is_dir() and _FOLDER.fullmatch(f.name)]
+    return sorted(found, key=_order, reverse=True)
+
+
 def _order(folder: Path) -> tuple[int, int]:
-    index, _, rest = folder.name.partition("-")
-    return int(index), int(rest.rpartition("round")[2])
+    index, _, rounds = _FOLDER.fullmatch(folder.name).groups()
+    return int(index), int(rounds)

@@ -89,7 +89,9 @@ class RoundLoop:
         stop = self.cfg.federation.rounds if stop is None else stop
         server = self.metrics_path is not None
         with (
-            Progress(f"{self.name} rounds", stop - start, bar=server) as bar,
+            Progress(
+                f"{self.name} rounds", self.cfg.federation.rounds, bar=server, done=start
+            ) as bar,
             self._scalars(start) as scalars,
         ):
             for r in range(start, stop):
