@@ -27,7 +27,7 @@ from pathlib import Path
 
 import tapdist
 from tapdist import __version__
-from tapdist.config import ConfigError, describe, dump_config, load_config
+from tapdist.config import Config, ConfigError, describe, dump_config, load_config
 
 #: the benchmark scripts of a source checkout, beside the package
 BENCHMARKS = Path(tapdist.__file__).resolve().parents[1] / "benchmarks"
@@ -201,8 +201,22 @@ def _config(args: argparse.Namespace) -> int:
     if args.describe:
         print(describe(), end="")
         return 0
-    print(dump_config(load_config(args.config, args.overrides)), end="")
+    cfg = load_config(args.config, args.overrides)
+    _check_registered(cfg)
+    print(dump_config(cfg), end="")
     return 0
+
+
+def _check_registered(cfg: Config) -> None:
+    """The model and algorithm names `train` looks up, in the registries as a run fills them:
+    the built-ins, then the config's plugins (so a plugin's own names are accepted)."""
+    from tapdist.registry import MODELS, load_builtins, load_plugins
+    from tapdist.train import algorithm_names  # train's own check and messages
+
+    load_builtins()
+    load_plugins(cfg.run.plugins, Path(cfg.source).parent if cfg.source else None)
+    MODELS.get(cfg.model.name)
+    algorithm_names(cfg)
 
 
 def _models(args: argparse.Namespace) -> int:

@@ -25,6 +25,16 @@ class ConfigError(ValueError):
     """A configuration value is missing, unknown, of the wrong type or out of range."""
 
 
+# Fixed value sets of list keys. They are defined where they are used (tapdist.models.tap.PATHS,
+# tapdist.fl.algorithms.ABLATIONS), which import torch; tests/test_config.py keeps these equal.
+PATHS = ("shared_shared", "shared_task", "mod_task", "mod_shared")
+ABLATIONS = ("no_distillation", "double_finetune")
+_DIRECTORY = (
+    ": a local folder (a relative path is read from the config file's folder) or "
+    "package:NAME/PATH (a folder inside an installed Python package)"
+)
+
+
 def option(
     default: Any,
     help: str,
@@ -34,8 +44,9 @@ def option(
     max: float | None = None,
     items: type = str,
 ) -> Any:
-    """Declare a config key: its default, help text and accepted values (``items``: the type
-    of a list's elements)."""
+    """Declare a config key: its default, help text and accepted values. For a list, ``items``
+    is the type of its elements, ``choices`` the values each element may take and ``min`` its
+    least length."""
     meta = {"help": help, "choices": choices, "min": min, "max": max, "items": items}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
@@ -102,18 +113,28 @@ class ModelConfig:
     intermediate_size: int = option(0, "explicit FFN width (0: the size preset's)", min=0)
     pretrained: str = option(
         "",
-        "local directory with pretrained backbone weights "
-        "(from_pretrained); empty builds from the config instead",
+        "directory with pretrained backbone weights (from_pretrained)"
+        + _DIRECTORY
+        + "; empty builds from the config instead",
     )
-    text_encoder: str = option("", "backbone hf: local directory of the text encoder")
-    vision_encoder: str = option("", "backbone hf: local directory of the vision encoder")
+    text_encoder: str = option(
+        "", "backbone hf: directory of the text encoder (from_pretrained)" + _DIRECTORY
+    )
+    vision_encoder: str = option(
+        "", "backbone hf: directory of the vision encoder (from_pretrained)" + _DIRECTORY
+    )
     tokenizer: str = option(
-        "", "local tokenizer directory; its vocabulary sizes the text-generation heads"
+        "",
+        "tokenizer directory" + _DIRECTORY + "; with data.source synthetic its vocabulary sizes "
+        "the text-generation heads (empty: the text encoder's vocabulary); with hdf5 the "
+        "federation file's vocab_size sizes them and this key is not used for that",
     )
     layers_per_block: int = option(1, "backbone layers per MoTE and per MoME block", min=1)
     paths: list = option(
-        ["shared_shared", "shared_task", "mod_task", "mod_shared"],
+        list(PATHS),
         "paths through the gated transformer that run",
+        choices=PATHS,
+        min=1,
     )
     encoder_lora_rank: int = option(8, "LoRA rank on the encoders (0: none)", min=0)
     encoder_lora_alpha: float = option(16.0, "LoRA alpha on the encoders", min=0.0)
@@ -136,10 +157,16 @@ class FederationConfig:
     )
     baselines: list = option(
         [],
-        "further algorithms run after the main one in the same job, from the same initial "
-        "state and data, so results.json compares them side by side (e.g. [local, disentafl])",
+        "further registered algorithms (see `tapdist models`) run after the main one in the "
+        "same job, from the same initial state and data, so results.json compares them side by "
+        "side (e.g. [local, disentafl])",
     )
-    clients: int = option(10, "number of clients in the federation", min=1)
+    clients: int = option(
+        10,
+        "number of clients in the federation; must equal the number of data.clients (data.source "
+        "synthetic) or the federation file's client count (hdf5)",
+        min=1,
+    )
     clients_per_round: int = option(2, "clients sampled each round", min=1)
     rounds: int = option(10, "number of federated rounds", min=0)
 
@@ -155,10 +182,15 @@ class TrainConfig:
     batch_size: int = option(32, "samples per micro-batch", min=1)
     lr: float = option(3e-4, "peak learning rate, reached after warmup_rounds", min=0.0)
     min_lr: float = option(
-        1e-4, "learning rate of round 0 and of post-FL fine-tuning and distillation", min=0.0
+        1e-4,
+        "learning rate of round 0 (with warmup_rounds 0 every round uses lr) and of post-FL "
+        "fine-tuning and distillation (tap.finetune_steps)",
+        min=0.0,
     )
     warmup_rounds: int = option(
-        20, "rounds over which the learning rate rises linearly from min_lr to lr", min=0
+        20,
+        "rounds over which the learning rate rises linearly from min_lr to lr (0: lr from round 0)",
+        min=0,
     )
     weight_decay: float = option(0.01, "AdamW weight decay", min=0.0)
     clip_norm: float = option(1.0, "gradient-norm clip per optimizer step (0: none)", min=0.0)
@@ -196,7 +228,11 @@ class TapConfig:
         4, "micro-batches both models are scored on under the same_round rule", min=1
     )
     finetune_steps: int = option(
-        50, "stage 2 micro-batches: teacher fine-tuning, then student distillation", min=0
+        50,
+        "micro-batches of post-FL local fine-tuning at train.min_lr, for every method that "
+        "fine-tunes: TAP's stage 2 (teacher fine-tuning, then student distillation), fedavg_ft, "
+        "local, disentafl and the tap.ablations (double_finetune: twice as many); 0: none",
+        min=0,
     )
     kd_temperature: float = option(1.0, "distillation temperature T", min=0.01)
     kd_image_cls: float = option(2e-3, "distillation weight of image classification tasks", min=0.0)
@@ -207,6 +243,7 @@ class TapConfig:
         [],
         "stage-2 variants evaluated beside TAP: no_distillation (the student fine-tuned on its "
         "task loss alone), double_finetune (the same with twice the micro-batches)",
+        choices=ABLATIONS,
     )
     disentafl_weight: float = option(
         0.5, "DisentAFL: weight of the orthogonality loss between mod-task latents", min=0.0
@@ -220,11 +257,15 @@ class DataConfig:
     source: str = option(
         "synthetic",
         "synthetic: learnable samples generated from the seed for the tasks and clients below; "
-        "hdf5: a federation file built by `tapdist data build` (data.path)",
+        "hdf5: a federation file built by `tapdist data build` (data.path), whose tasks, clients, "
+        "text_len and vocab_size are used: its vocab_size sizes the text-generation heads (not "
+        "model.tokenizer), and federation.clients must equal its client count",
         choices=("synthetic", "hdf5"),
     )
     path: str = option(
-        "", "hdf5: the federation file (a relative path is read from the config file's folder)"
+        "",
+        "hdf5: the federation file; a relative path is read from the config file's folder, also "
+        "when given with --set (give an absolute path for a file elsewhere)",
     )
     tasks: list = option(
         [],
@@ -378,10 +419,21 @@ def describe() -> str:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory; give the YAML file in it")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
+            f"{err.start}); save it as UTF-8"
+        ) from None
+    except OSError as err:
+        raise ConfigError(f"config file {path} cannot be read: {err.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
     if data is None:
@@ -456,17 +508,32 @@ def _check(section: str, f: dataclasses.Field, value: Any) -> Any:
         str: lambda v: isinstance(v, str),
         list: lambda v: isinstance(v, list) and all(isinstance(x, f.metadata["items"]) for x in v),
     }[kind](value)
-    meta = f.metadata
-    in_range = ok and (
-        (meta["choices"] is None or value in meta["choices"])
-        and (meta["min"] is None or value >= meta["min"])
-        and (meta["max"] is None or value <= meta["max"])
-    )
-    if not in_range:
+    if not (ok and _in_range(f, value)):
+        unknown = ""
+        if ok and kind is list and f.metadata["choices"]:
+            bad = [x for x in value if x not in f.metadata["choices"]]
+            unknown = f"unknown: {', '.join(map(str, bad))}; " if bad else ""
         raise ConfigError(
-            f"bad value for '{section}.{f.name}': {value!r}{origin}; accepted: {_accepted(f)}"
+            f"bad value for '{section}.{f.name}': {value!r}{origin}; {unknown}"
+            f"accepted: {_accepted(f)}"
         )
     return float(value) if kind is float else value
+
+
+def _in_range(f: dataclasses.Field, value: Any) -> bool:
+    """Whether a value of the right type is among the choices and within min and max (for a
+    list: every item among the choices, and at least min items)."""
+    meta = f.metadata
+    choices, low, high = meta["choices"], meta["min"], meta["max"]
+    if _kind(f) is list:
+        return (choices is None or all(x in choices for x in value)) and (
+            low is None or len(value) >= low
+        )
+    return (
+        (choices is None or value in choices)
+        and (low is None or value >= low)
+        and (high is None or value <= high)
+    )
 
 
 def _finite_number(value: Any) -> bool:
@@ -490,6 +557,13 @@ def _yaml_float(text: str) -> float | str:
 
 def _accepted(f: dataclasses.Field) -> str:
     meta, kind = f.metadata, _kind(f)
+    if kind is list:
+        noun = "a list of strings" if meta["items"] is str else "a list of mappings"
+        if meta["min"]:
+            noun += f" (at least {meta['min']})"
+        if meta["choices"]:
+            noun += ", each one of " + ", ".join(map(str, meta["choices"]))
+        return noun
     if meta["choices"]:
         return "one of " + ", ".join(map(str, meta["choices"]))
     noun = {
@@ -497,7 +571,6 @@ def _accepted(f: dataclasses.Field) -> str:
         int: "an integer",
         float: "a number",
         str: "a string",
-        list: "a list of strings" if meta["items"] is str else "a list of mappings",
     }[kind]
     if meta["min"] is not None and meta["max"] is not None:
         return f"{noun} in [{meta['min']}, {meta['max']}]"

@@ -7,17 +7,18 @@ import resource
 import time
 
 from tapdist.config import Config
-from tapdist.data.spec import parse_clients
-from tapdist.models.federated import build_union_model
+from tapdist.models.federated import TapFederation
 from tapdist.models.tap import TapModel
 
 
 def model_info(cfg: Config) -> str:
-    """A human-readable report on the server (union) model and each client's sub-model."""
+    """A human-readable report on the server (union) model and each client's sub-model. The
+    tasks and clients come from where a run takes them: the config (``data.source:
+    synthetic``) or the federation file's metadata (``hdf5``; the file must exist)."""
     started = time.perf_counter()
-    model = build_union_model(cfg)
+    federation = TapFederation(cfg, "cpu")  # builds the model as `tapdist train` does
     built = time.perf_counter() - started
-    clients = parse_clients(cfg.data, list(model.tasks.values()))
+    model, clients = federation.model, federation.specs
     params = dict(model.named_parameters())
     trainable = model.trainable_names()
     frozen = sum(p.numel() for p in params.values() if not p.requires_grad)

@@ -11,7 +11,8 @@ finished, ``RUN_DIR/results.json``; writes ``RUN_DIR/report.md`` and its PNG plo
 - ``time.png``: seconds per round by phase, stacked.
 
 A run stopped while writing leaves a cut-short last line in metrics.jsonl; it is left out with a
-warning. Every file is written atomically. The plots are drawn with matplotlib's Agg canvas
+warning. A run with ``federation.rounds: 0`` records no rounds: its report holds the comparison
+alone. Every file is written atomically. The plots are drawn with matplotlib's Agg canvas
 (no display, no pyplot state), imported only here: ``pip install 'tapdist[plot]'``.
 """
 
@@ -65,24 +66,34 @@ def write_report(run_dir: Path) -> Path:
         why = "is not a folder" if run_dir.exists() else "does not exist"
         raise ReportError(f"run folder {run_dir} {why}")
     _require_matplotlib()
-    runs = read_metrics(run_dir / "metrics.jsonl")
+    metrics = run_dir / "metrics.jsonl"
+    runs = read_metrics(metrics)
+    if not runs and not (run_dir / "results.json").is_file():
+        raise ReportError(f"{metrics} holds no rounds yet: the run stopped before its first round")
     results = read_results(run_dir / "results.json")
     kinds = _task_kinds(results)
     figures = {
         **{f"loss-{_file_name(a)}.png": loss_figure(a, recs, kinds) for a, recs in runs.items()},
         "replacements.png": replacements_figure(runs),
         "comparison.png": comparison_figure(results) if results else None,
-        "time.png": time_figure(runs),
+        "time.png": time_figure(runs) if runs else None,
     }
-    written = {}
-    for name, figure in figures.items():
-        if figure is not None:
-            path = run_dir / PLOTS / name
-            with atomic_path(path) as tmp:
-                figure.savefig(tmp, format="png", dpi=DPI)
-            written[name] = f"{PLOTS}/{name}"
     report = run_dir / "report.md"
-    write_text(report, markdown(run_dir, runs, results, written))
+    try:
+        written = {}
+        for name, figure in figures.items():
+            if figure is not None:
+                with atomic_path(run_dir / PLOTS / name) as tmp:
+                    figure.savefig(tmp, format="png", dpi=DPI)
+                written[name] = f"{PLOTS}/{name}"
+        write_text(report, markdown(run_dir, runs, results, written))
+    except OSError as err:
+        where = err.filename or run_dir
+        raise ReportError(
+            f"cannot write the report to {where} ({err.strerror or err}): make {run_dir} and "
+            f"{run_dir / PLOTS} writable folders, or copy the run's metrics.jsonl, results.json "
+            "and config.yaml to a writable folder and run `tapdist report` on that"
+        ) from None
     return report
 
 
@@ -90,14 +101,15 @@ def write_report(run_dir: Path) -> Path:
 
 
 def read_metrics(path: Path) -> Records:
-    """The round records of metrics.jsonl per algorithm, in round order; a cut-short last line
-    (a run stopped while writing it) is left out with a warning."""
+    """The round records of metrics.jsonl per algorithm, in round order (empty: the run has
+    recorded no round, as one with ``federation.rounds: 0``); a cut-short last line (a run
+    stopped while writing it) is left out with a warning."""
     if not path.is_file():
         raise ReportError(
             f"{path} does not exist: give the folder of a tapdist run "
             "(`tapdist train ... --run-dir RUN_DIR` writes it after the first round)"
         )
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    lines = _read_text(path).splitlines()
     records = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -116,8 +128,6 @@ def read_metrics(path: Path) -> Records:
             raise ReportError(f"{path}, line {number}: not JSON ({err.msg})") from None
         _check_record(record, path, number)
         records.append(record)
-    if not records:
-        raise ReportError(f"{path} holds no rounds yet: the run stopped before its first round")
     by_algorithm: dict[str, dict[int, dict]] = {}
     for record in records:  # a round recorded twice keeps its last record
         by_algorithm.setdefault(record["algorithm"], {})[record["round"]] = record
@@ -125,16 +135,52 @@ def read_metrics(path: Path) -> Records:
 
 
 def _check_record(record: Any, path: Path, number: int) -> None:
+    """Every field the report reads, of the type it reads it as."""
     wrong = [
         key
         for key, kind in _REQUIRED.items()
         if not isinstance(record, dict) or not isinstance(record.get(key), kind)
     ]
+    if not wrong:
+        wrong = _wrong_numbers(record)
     if wrong:
         raise ReportError(
             f"{path}, line {number}: not a tapdist round record ({', '.join(wrong)} missing or "
             "of the wrong type); is this the metrics.jsonl of a tapdist run?"
         )
+
+
+def _wrong_numbers(record: dict) -> list[str]:
+    """The fields of a round record that should hold numbers and do not: each client's stats
+    (its rank an integer), the seconds, and the optional totals."""
+    wrong = []
+    for client, stats in record["clients"].items():
+        where = f"clients.{client}"
+        if not isinstance(stats, dict):
+            wrong.append(where)
+        elif not _is_integer(stats.get("rank")):
+            wrong.append(f"{where}.rank")
+        else:
+            wrong += [f"{where}.{k}" for k, v in stats.items() if not _is_number(v)]
+    wrong += [f"seconds.{k}" for k, v in record["seconds"].items() if not _is_number(v)]
+    for key in ("replacements", "replacements_cumulative"):
+        if key in record:
+            counts = record[key]
+            if not isinstance(counts, dict):
+                wrong.append(key)
+            else:
+                wrong += [f"{key}.{k}" for k, v in counts.items() if not _is_number(v)]
+    if "bytes_sent_per_rank" in record and not _is_number(record["bytes_sent_per_rank"]):
+        wrong.append("bytes_sent_per_rank")
+    return wrong
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def read_results(path: Path) -> dict | None:
@@ -144,12 +190,22 @@ def read_results(path: Path) -> dict | None:
             "%s does not exist (the run has not finished): the report has no comparison", path
         )
         return None
+    text = _read_text(path)
     try:
-        results = json.loads(path.read_text(encoding="utf-8"))
+        results = json.loads(text)
         kind_averages(results)  # checks every entry's kind
     except (json.JSONDecodeError, ValueError, AttributeError, TypeError) as err:
         raise ReportError(f"{path} is not a tapdist results file: {err}") from None
     return results
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")
+    except OSError as err:
+        raise ReportError(
+            f"{path} cannot be read ({err.strerror or err}); make it readable"
+        ) from None
 
 
 def _task_kinds(results: Mapping | None) -> dict[str, str]:
@@ -437,7 +493,7 @@ def markdown(
     config = _read_config(run_dir / "config.yaml")
     name = config.get("run", {}).get("name") or run_dir.name
     parts = [f"# Report: {name}", "", f"Run folder `{run_dir}`.", "", "## Rounds", ""]
-    parts += [_rounds_table(runs, config), ""]
+    parts += [_rounds_table(runs, config) if runs else _no_rounds(config), ""]
     parts += ["## Comparison", ""]
     if results:
         parts += [
@@ -451,7 +507,14 @@ def markdown(
         parts += _image(plots, "comparison.png", "methods per task kind")
     else:
         parts += ["No results.json yet: the run has not finished.", ""]
-    parts += ["## Training loss", ""]
+    if runs:
+        parts += _round_sections(runs, plots)
+    return "\n".join(parts)
+
+
+def _round_sections(runs: Records, plots: Mapping[str, str]) -> list[str]:
+    """The sections of report.md drawn from the round records."""
+    parts = ["## Training loss", ""]
     parts += [
         "Loss on each client's training batches in the rounds it was sampled in (one marker per "
         "such round). For TAP, the global copy (solid) and the personal model (dashed).",
@@ -476,7 +539,17 @@ def markdown(
         "",
     ]
     parts += _image(plots, "time.png", "seconds per round by phase")
-    return "\n".join(parts)
+    return parts
+
+
+def _no_rounds(config: Mapping) -> str:
+    planned = config.get("federation", {}).get("rounds")
+    if planned == 0:
+        return (
+            "No rounds: the run's federation.rounds is 0, so each method's results come from "
+            "the initial model (fine-tuned locally where the method fine-tunes)."
+        )
+    return "metrics.jsonl holds no rounds."
 
 
 def _image(plots: Mapping[str, str], name: str, alt: str) -> list[str]:

@@ -6,11 +6,13 @@ import subprocess
 import sys
 
 import pytest
-from conftest import FAILING_PLUGIN
+from conftest import FAILING_PLUGIN, SMOKE_CONFIG
 
 from tapdist.checkpoint import load_state, load_states
 from tapdist.cli import main
 from tapdist.config import load_config
+
+SMOKE_HDF5 = SMOKE_CONFIG.parent / "smoke_hdf5.yaml"
 
 
 def test_train_writes_the_run_folder(smoke_config, tmp_path):
@@ -52,6 +54,8 @@ def run_cli(*args, cwd=None):
 
 BAD_INPUT = [
     (["nowhere.yaml"], 2, ["config error", "nowhere.yaml does not exist"]),
+    (["{tmp}"], 2, ["config error", "is a directory; give the YAML file in it"]),
+    (["{latin1}"], 2, ["config error", "latin1.yaml is not UTF-8 text", "save it as UTF-8"]),
     (["{cfg}", "--set", "federation.rounds=-2"], 2, ["federation.rounds", ">= 0"]),
     (["{cfg}", "--set", "model.name=flava9"], 2, ["no model named 'flava9'", "registered: tap"]),
     (["{cfg}", "--set", "dist.server_hosts_clients=false"], 2, ["no rank can host clients"]),
@@ -80,7 +84,13 @@ BAD_INPUT = [
 def test_bad_input_exits_nonzero_with_a_clear_message(smoke_config, tmp_path, args, code, words):
     (tmp_path / "bert").mkdir()
     (tmp_path / "bert" / "config.json").write_text('{"model_type": "bert"}')
-    places = {"{cfg}": smoke_config, "{tmp}": tmp_path, "{bert}": tmp_path / "bert"}
+    (tmp_path / "latin1.yaml").write_bytes("run: {name: caf\u00e9}\n".encode("latin-1"))
+    places = {
+        "{cfg}": smoke_config,
+        "{tmp}": tmp_path,
+        "{bert}": tmp_path / "bert",
+        "{latin1}": tmp_path / "latin1.yaml",
+    }
     for key, value in places.items():
         args = [a.replace(key, str(value)) for a in args]
     run_dir = tmp_path / "run"
@@ -112,6 +122,65 @@ def test_config_and_models_commands(smoke_config):
     assert shown.returncode == 0 and "rounds: 9" in shown.stdout
     listed = run_cli("models", "--plugin", str(FAILING_PLUGIN))
     assert "tap" in listed.stdout and "fedavg_failing" in listed.stdout
+
+
+@pytest.mark.parametrize(
+    "sets, words",
+    [
+        (["model.paths=[foo]"], ["model.paths", "unknown: foo", "shared_shared"]),
+        (["tap.ablations=[bar]"], ["tap.ablations", "unknown: bar", "double_finetune"]),
+        (["federation.algorithm=nope"], ["no algorithm named 'nope'", "registered: disentafl"]),
+        (["federation.baselines=[local, nope]"], ["no algorithm named 'nope'"]),
+        (["federation.baselines=[tap]"], ["name an algorithm twice"]),
+        (["model.name=flava9"], ["no model named 'flava9'", "registered: tap"]),
+    ],
+)
+def test_config_refuses_what_train_would_refuse(smoke_config, sets, words):
+    """`tapdist config` checks the names train looks up, not only types and ranges."""
+    result = run_cli("config", str(smoke_config), *(a for s in sets for a in ("--set", s)))
+    assert result.returncode == 2 and not result.stdout
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    for word in words:
+        assert word in result.stderr
+
+
+def test_config_accepts_the_algorithms_of_its_plugins(smoke_config):
+    plugin = f"run.plugins=[{FAILING_PLUGIN}]"
+    sets = ["--set", plugin, "--set", "federation.baselines=[fedavg_failing]"]
+    result = run_cli("config", str(smoke_config), *sets)
+    assert result.returncode == 0, result.stderr
+    assert "baselines:\n  - fedavg_failing" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def smoke_file(tmp_path_factory):
+    from tapdist.data.build import build_federation
+
+    out = tmp_path_factory.mktemp("fed") / "smoke.h5"
+    build_federation(SMOKE_HDF5.parent / "federations" / "smoke.yaml", out, progress=False)
+    return out
+
+
+def test_model_info_reads_tasks_and_clients_from_the_federation_file(smoke_file, capsys):
+    assert main(["model-info", str(SMOKE_HDF5), "--set", f"data.path={smoke_file}"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert rows[2].startswith("| server (union) |")
+    assert [r.split("|")[1].strip() for r in rows[3:]] == [
+        "client 0 (objects)",
+        "client 1 (news)",
+        "client 2 (vqa)",
+        "client 3 (news+recon)",
+        "client 4 (law_qa+objects)",
+    ]
+
+
+def test_model_info_without_the_federation_file_says_how_to_build_it(tmp_path):
+    missing = tmp_path / "none.h5"
+    result = run_cli("model-info", str(SMOKE_HDF5), "--set", f"data.path={missing}")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert f"{missing}: federation file not found" in result.stderr
+    assert "tapdist data build" in result.stderr
 
 
 @pytest.mark.integration

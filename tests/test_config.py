@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tapdist import config
 from tapdist.config import Config, ConfigError, describe, dump_config, from_dict, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,6 +82,15 @@ def test_yaml_words_read_as_booleans_and_sections_left_empty(tmp_path):
         (["rounds=3"], ["section.key=value"]),
         (["federation.clients_per_round=11"], ["clients_per_round", "exceeds", "1..10"]),
         (["dist.backend=mpi", "dist.transport_dtype=bf16"], ["bf16", "mpi"]),
+        (
+            ["model.paths=[mod_task, foo]"],
+            ["model.paths", "unknown: foo", "each one of shared_shared, shared_task, mod_task"],
+        ),
+        (["model.paths=[]"], ["model.paths", "(at least 1)"]),
+        (
+            ["tap.ablations=[bar]"],
+            ["tap.ablations", "unknown: bar", "each one of no_distillation, double_finetune"],
+        ),
     ],
 )
 def test_bad_values_name_key_and_accepted_values(overrides, words):
@@ -90,9 +100,54 @@ def test_bad_values_name_key_and_accepted_values(overrides, words):
         assert word in str(err.value)
 
 
+def test_fixed_value_sets_match_the_code_that_reads_them():
+    """config.py cannot import torch-heavy modules: its copies of their value sets must agree."""
+    from tapdist.fl.algorithms import ABLATIONS
+    from tapdist.models.tap import PATHS
+
+    assert config.PATHS == PATHS
+    assert config.ABLATIONS == tuple(ABLATIONS)
+    cfg = load_config(None, ["model.paths=[mod_task]", f"tap.ablations={list(ABLATIONS)}"])
+    assert cfg.model.paths == ["mod_task"] and cfg.tap.ablations == list(ABLATIONS)
+
+
+def key_help(section: str, key: str) -> str:
+    """The line of `tapdist config --describe` that documents section.key."""
+    lines = describe().split(f"\n{section}:")[1].split("\n\n")[0].splitlines()
+    return next(line for line in lines if line.startswith(f"  {key}: "))
+
+
+@pytest.mark.parametrize(
+    "key, words",
+    [
+        ("model.pretrained", ["config file's folder", "package:NAME/PATH"]),
+        ("model.text_encoder", ["config file's folder", "package:NAME/PATH"]),
+        ("model.vision_encoder", ["config file's folder", "package:NAME/PATH"]),
+        ("model.tokenizer", ["config file's folder", "package:NAME/PATH", "hdf5", "vocab_size"]),
+        ("model.paths", ["each one of shared_shared, shared_task, mod_task, mod_shared"]),
+        ("tap.ablations", ["each one of no_distillation, double_finetune"]),
+        ("tap.finetune_steps", ["fedavg_ft", "local", "disentafl", "tap.ablations", "min_lr"]),
+        ("train.min_lr", ["with warmup_rounds 0 every round uses lr"]),
+        ("federation.clients", ["federation file's client count"]),
+        ("data.source", ["vocab_size sizes the text-generation heads", "federation.clients"]),
+        ("data.path", ["config file's folder", "also when given with --set"]),
+    ],
+)
+def test_help_texts_say_what_the_code_does(key, words):
+    line = key_help(*key.split("."))
+    for word in words:
+        assert word in line, (key, word)
+
+
 def test_bad_files(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="is a directory; give the YAML file in it"):
+        load_config(tmp_path)
+    latin = tmp_path / "latin1.yaml"
+    latin.write_bytes("run: {name: caf\u00e9}\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.yaml is not UTF-8 text \(byte 0xe9.*UTF-8"):
+        load_config(latin)
     bad = tmp_path / "bad.yaml"
     bad.write_text("run: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):

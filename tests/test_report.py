@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import sys
@@ -115,6 +116,77 @@ def test_bad_run_folders_get_clear_messages(tmp_path, capsys, setup, words):
     assert err.startswith("tapdist report: ") and "Traceback" not in err
     for word in words:
         assert word in err
+
+
+def test_a_run_of_no_rounds_reports_its_comparison(run_dir, tmp_path, capsys):
+    """federation.rounds: 0 is a valid run: an empty metrics.jsonl and a results.json."""
+    copy = copy_of(run_dir, tmp_path, "results.json", "config.yaml")
+    (copy / "metrics.jsonl").write_text("")  # what a run of no rounds leaves
+    config = (copy / "config.yaml").read_text()
+    (copy / "config.yaml").write_text(re.sub(r"\n  rounds: \d+\n", "\n  rounds: 0\n", config))
+    assert main(["report", str(copy)]) == 0
+    text = (copy / "report.md").read_text()
+    assert "federation.rounds is 0" in text
+    assert "| task kind · metric | tap | fedavg | fedavg_ft | local |" in text
+    assert "](report/comparison.png)" in text and "Time per round" not in text
+    assert sorted(p.name for p in (copy / "report").iterdir()) == ["comparison.png"]
+    assert_real_plot(copy / "report" / "comparison.png")
+
+
+def first_client(record: dict) -> dict:
+    return next(iter(record["clients"].values()))
+
+
+@pytest.mark.parametrize(
+    "edit, field",
+    [
+        (lambda r: first_client(r).pop("rank"), ".rank"),
+        (lambda r: first_client(r).update(rank="0"), ".rank"),
+        (lambda r: first_client(r).update({"global_loss.objects": None}), "global_loss.objects"),
+        (lambda r: first_client(r).update(global_s=True), ".global_s"),
+        (lambda r: r["clients"].update({"9": [1, 2]}), "clients.9"),
+        (lambda r: r["seconds"].update(round="3s"), "seconds.round"),
+        (lambda r: r.update(replacements=[1]), "replacements"),
+        (lambda r: r.update(bytes_sent_per_rank=None), "bytes_sent_per_rank"),
+    ],
+    ids=["no rank", "rank text", "loss null", "bool", "stats list", "seconds", "totals", "bytes"],
+)
+def test_hand_edited_round_records_are_refused_naming_the_line(
+    run_dir, tmp_path, capsys, edit, field
+):
+    """A record whose client stats, seconds or totals are not numbers (a rank not an integer)
+    ends the command with exit 2 and the line, not with a traceback from the plots."""
+    copy = copy_of(run_dir, tmp_path, "metrics.jsonl", "results.json")
+    lines = (copy / "metrics.jsonl").read_text().splitlines()
+    record = json.loads(lines[1])
+    edit(record)
+    lines[1] = json.dumps(record)
+    (copy / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    assert main(["report", str(copy)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "line 2: not a tapdist round record" in err and field in err
+
+
+@pytest.mark.parametrize("how", ["read-only folder", "report is a file"])
+def test_a_folder_the_report_cannot_be_written_to_gets_a_clear_message(
+    run_dir, tmp_path, capsys, how
+):
+    copy = copy_of(run_dir, tmp_path, "metrics.jsonl", "results.json")
+    if how == "read-only folder":
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only folders")
+        copy.chmod(0o555)
+    else:
+        (copy / "report").write_text("")  # the plots' folder cannot be made
+    try:
+        assert main(["report", str(copy)]) == 2
+    finally:
+        copy.chmod(0o755)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert f"cannot write the report to {copy}" in err and "writable" in err
+    assert not (copy / "report.md").exists()
 
 
 def test_results_that_are_not_tapdist_results_are_refused(run_dir, tmp_path):
