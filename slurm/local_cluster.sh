@@ -108,14 +108,19 @@ ensure_munge() {
     # munged refuses keys that others could read or write.
     chown munge:munge "$MUNGE_KEY" 2>/dev/null || true
     chmod 0400 "$MUNGE_KEY"
-    # No systemd here to create the runtime dirs the Debian unit would.
-    install -d -o munge -g munge -m 0755 /run/munge
-    install -d -o munge -g munge -m 0700 /var/lib/munge
+    # No systemd here to create the runtime dirs the Debian unit would; owned
+    # by the munge user where there is one, else by root, who then runs munged.
+    local owner=()
+    if id munge >/dev/null 2>&1; then
+        owner=(-o munge -g munge)
+    fi
+    install -d "${owner[@]}" -m 0755 /run/munge
+    install -d "${owner[@]}" -m 0700 /var/lib/munge
     # Run munged as the munge user so the Debian key/dir ownership is what
     # it expects; --force lets it start anyway in odd containers. 9>&-: the
     # daemons must not inherit (and hold forever) the `up` lock.
     local as_munge=()
-    if id munge >/dev/null 2>&1 && command -v runuser >/dev/null 2>&1; then
+    if ((${#owner[@]})) && command -v runuser >/dev/null 2>&1; then
         as_munge=(runuser -u munge --)
         touch "$MUNGED_LOG"
         chown munge "$MUNGED_LOG" "$MUNGE_RUN"

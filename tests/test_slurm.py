@@ -2,7 +2,10 @@
 
 Each template runs the smoke federation on the CPU (gloo) and must write the results of one
 process; a job sent the templates' stop signal mid-run must stop with a checkpoint and exit
-code 0; resubmitting it with --resume, or requeuing it, must end as an uninterrupted run.
+code 0; resubmitting it with --resume, or requeuing it, must end as an uninterrupted run. With a
+stand-in for python that records each rank's environment: a job submitted with a limited
+--export still hands the ranks the batch script's environment, and the sizes on the sbatch
+command line hold (or the job warns where --ntasks caps --ntasks-per-node).
 """
 
 from __future__ import annotations
@@ -227,3 +230,60 @@ def test_a_requeued_job_resumes_by_itself(submit, single, tmp_path):
     assert "(restart 1)" in output and f"resuming from {checkpoint}" in output
     assert_same_results(run_dir, single(*LONGER))
     assert metrics_rounds(run_dir) == list(range(5))
+
+
+def env_recorder(folder: Path) -> Path:
+    """A stand-in for python (the templates' PYTHON): every task that runs it writes its
+    environment to ``folder``/env-RANK."""
+    script = folder / "python"
+    script.write_text(f'#!/bin/bash\nenv -0 >"{folder}/env-$SLURM_PROCID"\n')
+    script.chmod(0o755)
+    return script
+
+
+def recorded_envs(folder: Path) -> list[dict[str, str]]:
+    envs = [path.read_text().split("\0") for path in sorted(folder.glob("env-*"))]
+    return [dict(item.split("=", 1) for item in env if "=" in item) for env in envs]
+
+
+# One job of each template on this node (tapdist.sbatch sets no task count of its own).
+SIZES = {"tapdist": ["--ntasks=2"], **SHAPES}
+
+
+@pytest.mark.parametrize("template", list(SIZES))
+def test_steps_get_the_batch_environment_where_sbatch_exports_little(
+    template, tmp_path, monkeypatch
+):
+    """`sbatch --export=PYTHON=...` (or a site's --export=NONE) leaves the batch script only the
+    named variables, and srun would pass its steps no more; the templates export
+    SLURM_EXPORT_ENV=ALL, so the ranks see what the script set (OMP_NUM_THREADS, MASTER_ADDR)."""
+    python = env_recorder(tmp_path)
+    flags = [*CPU_JOB, *SIZES[template], f"--export=PYTHON={python}"]
+    monkeypatch.setitem(ENV, "TAPDIST_SUBMITTER_ONLY", "1")  # what the export leaves behind
+    job = sbatch(template, flags, SMOKE_CONFIG, log=tmp_path / "job.out")
+    info = job.wait(timeout=120)
+    job.assert_completed(info)
+    envs = recorded_envs(tmp_path)
+    tasks = 1 if template.endswith("torchrun") else int(info["NumTasks"])
+    assert len(envs) == tasks, job.output()
+    for env in envs:
+        assert "TAPDIST_SUBMITTER_ONLY" not in env
+        assert (env["SLURM_EXPORT_ENV"], env["PYTHON"]) == ("ALL", str(python))
+        assert (env["MASTER_ADDR"], env["OMP_NUM_THREADS"]) == (info["NodeList"], "1")
+
+
+@pytest.mark.parametrize(
+    "sizing, tasks",
+    [
+        (["--nodes=1", "--ntasks-per-node=1"], 1),  # no --ntasks in the template to fight it
+        (["--nodes=1", "--ntasks-per-node=2", "--ntasks=1"], 1),  # --ntasks caps it: a warning
+    ],
+)
+def test_tapdist_template_takes_its_size_from_the_command_line(sizing, tasks, tmp_path):
+    python = env_recorder(tmp_path)
+    flags = [*CPU_JOB, *sizing, f"--export=ALL,PYTHON={python}"]
+    job = sbatch("tapdist", flags, SMOKE_CONFIG, log=tmp_path / "job.out")
+    output = job.assert_completed(job.wait(timeout=120))
+    assert len(recorded_envs(tmp_path)) == tasks, output
+    warned = "WARNING: 1 tasks, not the 1 node(s) x 2 tasks per node asked for" in output
+    assert warned == ("--ntasks=1" in sizing), output

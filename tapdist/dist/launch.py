@@ -179,6 +179,12 @@ def _expand_counts(spec: str) -> list[int]:
     return counts
 
 
+# Derived rendezvous ports stay in [20000, 32768): Linux hands out ephemeral ports (the local
+# end of outgoing connections) from 32768 up, and one of those could already hold a port above.
+# slurm/multi_node_torchrun.sbatch derives its c10d port within the same range.
+PORT_BASE, PORT_SPAN = 20000, 12768
+
+
 def slurm_port(env: Mapping[str, str]) -> int:
     """A rendezvous port every task of one step derives alike, from the job and step ids, so
     steps running side by side in one allocation do not meet at the same port."""
@@ -186,7 +192,7 @@ def slurm_port(env: Mapping[str, str]) -> int:
     step = env.get("SLURM_STEP_ID", "0")
     if not job.isdigit():
         return 29500
-    return 20000 + (int(job) * 97 + (int(step) if step.isdigit() else 0)) % 20000
+    return PORT_BASE + (int(job) * 97 + (int(step) if step.isdigit() else 0)) % PORT_SPAN
 
 
 def _first_host(env: Mapping[str, str]) -> str:
