@@ -14,7 +14,6 @@ import logging
 import os
 import shutil
 import socket
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,7 +30,8 @@ OUTPUTS = ("results.json", "results.md", "report.md", "report", "final", "tensor
 
 def check_writable(run_dir: Path) -> None:
     """Stop now, before any work, when the run could not write ``run_dir``: a path through a
-    file, or a folder this process may not write (probed with a temporary file)."""
+    file, or a folder this process may not write (its permissions, a read-only filesystem, an
+    immutable folder: what access(2) answers, so the folder is not touched)."""
     existing = run_dir
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -39,14 +39,11 @@ def check_writable(run_dir: Path) -> None:
         raise ConfigError(
             f"run folder {run_dir}: {existing} is a file, not a folder; choose another --run-dir"
         )
-    try:
-        with tempfile.TemporaryFile(dir=existing, prefix=".tapdist-probe-"):
-            pass
-    except OSError as err:
+    if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(
-            f"run folder {run_dir}: cannot write in {existing} ({err.strerror or err}); make it "
-            "writable or choose another --run-dir"
-        ) from None
+            f"run folder {run_dir}: this process may not write in {existing}; make it writable "
+            "or choose another --run-dir"
+        )
 
 
 class RunLock:

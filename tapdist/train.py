@@ -95,14 +95,16 @@ def _train(
     logging_args = (ctx.rank, ctx.world_size, cfg.run.log_level, cfg.run.log_all_ranks)
     setup_logging(*logging_args, is_server=ctx.rank == 0)
     started = time.perf_counter()
-    ready = _on_every_rank(ctx, lambda: _prepare(cfg, ctx, run_dir, resume, overwrite, lock))
+    ready = _on_every_rank(ctx, lambda: _prepare(cfg, ctx, run_dir, resume, overwrite))
     names, model, topology, checkpoints, start = ready
+    server = topology.is_server(ctx.rank)
+    # every rank's input is good: now the server claims the folder, the others hear how it went
+    _on_every_rank(ctx, lambda: lock.append(RunLock.claim(run_dir)) if server else None)
     if cfg.run.log_files:  # only now: bad input must leave the run folder untouched
         log_file = rank_log_file(run_dir, ctx.rank)
         setup_logging(*logging_args, is_server=ctx.rank == 0, log_file=log_file)
     if start is not None:
         log.info("resuming from %s (restart %d)", start.folder, restart_count())
-    server = topology.is_server(ctx.rank)
     if server:
         if start is None:
             start_fresh(cfg, run_dir)
@@ -148,13 +150,11 @@ def _train(
     ctx.barrier("end of run")
 
 
-def _prepare(
-    cfg: Config, ctx: DistContext, run_dir: Path, resume: bool, overwrite: bool, lock: list
-) -> tuple:
+def _prepare(cfg: Config, ctx: DistContext, run_dir: Path, resume: bool, overwrite: bool) -> tuple:
     """Everything that reads the input and writes nothing: the model and its data files, the
     placement, the checkpoint to resume from (read whole, so a damaged one fails now), and the
     data of the clients this rank hosts (so that a damaged file fails now, not in the middle of
-    the run). Last, the server claims the run folder."""
+    the run)."""
     if resume and overwrite:
         raise ConfigError("--resume goes on with a run and --overwrite starts over: give one")
     names = algorithm_names(cfg)
@@ -196,8 +196,6 @@ def _prepare(
             f"{run_dir}`, start this one in another --run-dir, or start over there with "
             "--overwrite (which removes that run's checkpoints and results)"
         )
-    if topology.is_server(ctx.rank):
-        lock.append(RunLock.claim(run_dir))
     return names, model, topology, checkpoints, start
 
 

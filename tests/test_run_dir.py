@@ -20,8 +20,18 @@ def test_a_run_folder_through_a_file_is_refused(tmp_path):
     for where in (tmp_path / "afile", tmp_path / "afile" / "run"):
         with pytest.raises(ConfigError, match="is a file, not a folder"):
             check_writable(where)
+    before = tmp_path.stat().st_mtime_ns
     check_writable(tmp_path / "new" / "run")  # a folder to be made under a writable one
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # the probe left nothing
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # the check wrote nothing
+    assert tmp_path.stat().st_mtime_ns == before
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write any folder")
+def test_a_run_folder_without_write_permission_is_refused(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    with pytest.raises(ConfigError, match="may not write in"):
+        check_writable(locked / "run")
 
 
 def test_one_run_holds_a_folder_and_a_stale_claim_is_taken_over(tmp_path, monkeypatch):
