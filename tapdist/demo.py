@@ -10,6 +10,7 @@ comparison table is printed at the end.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -72,18 +73,27 @@ def demo(
 
 
 def _earlier_demo(run_dir: Path, name: str) -> bool:
-    """Whether ``run_dir`` holds an earlier demo's checkpoints, which this demo replaces (once
-    its input checks pass, as `tapdist train --overwrite` does); another run's are refused."""
-    from tapdist.fl.checkpoints import newest_checkpoint
+    """Whether ``run_dir`` holds an earlier demo's outputs, which this demo replaces (once its
+    input checks pass, as `tapdist train --overwrite` does); another run's, or a folder a live
+    run holds, are refused before anything is built."""
+    import yaml
 
-    earlier = newest_checkpoint(run_dir / "checkpoints")
-    if earlier is None:
+    from tapdist.fl.checkpoints import newest_checkpoint
+    from tapdist.run_dir import RunLock, earlier_outputs
+
+    RunLock.check(run_dir)
+    if not earlier_outputs(run_dir):
         return False
-    ran = earlier.manifest["config"].get("run", {}).get("name")
+    ran = None
+    with contextlib.suppress(OSError, yaml.YAMLError, KeyError, TypeError):
+        ran = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))["run"]["name"]
+    if ran is None and (earlier := newest_checkpoint(run_dir / "checkpoints")) is not None:
+        ran = earlier.manifest["config"].get("run", {}).get("name")
     if ran != name:
         raise ConfigError(
-            f"{run_dir} holds the checkpoints of run '{ran}', not of an earlier demo; give the "
-            "demo another --run-dir"
+            f"{run_dir} holds the outputs of "
+            + (f"run '{ran}'" if ran else "another run")
+            + ", not of an earlier demo; give the demo another --run-dir"
         )
     print(f"starting over: the earlier demo in {run_dir} is replaced", file=sys.stderr, flush=True)
     return True

@@ -1,9 +1,15 @@
 """A run's folder: whether the run can write it, which run holds it, and a fresh start in it.
 
-One run writes a folder at a time. The server holds ``RUN_DIR/.lock`` (host, process, Slurm job,
-start time) from the end of its input checks to the end of the job; another run that finds it
-stops before writing anything. A lock left by a run that can no longer hold it is taken over: one
-of a process of this host that is gone, or one of this same Slurm job (requeued or restarted).
+One run writes a folder at a time. The server holds ``RUN_DIR/.lock`` (host, process, Slurm job
+and restart, start time) from the end of every rank's input checks to the end of the job;
+another run that finds it stops before writing anything. A lock left by a run that can no longer
+hold it is taken over: one of a process of this host that is gone, or one of this same Slurm job
+from an earlier start (requeued).
+
+A fresh start writes over nothing it was not asked to: a folder holding an earlier run's outputs
+(metrics, results, report, final models, TensorBoard events, checkpoints) is refused unless the
+run was started with ``--overwrite``, and then only those files of tapdist's go; anything else in
+the folder stays.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import logging
 import os
 import shutil
 import socket
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,8 +31,8 @@ from tapdist.resources import PREFIX
 log = logging.getLogger(__name__)
 
 LOCK = ".lock"
-# what an earlier run left that a fresh start replaces (checkpoints: see `start_fresh`)
-OUTPUTS = ("results.json", "results.md", "report.md", "report", "final", "tensorboard")
+# the plots `tapdist report` writes into RUN_DIR/report/
+_REPORT_PLOTS = ("loss-*.png", "replacements.png", "comparison.png", "time.png")
 
 
 def check_writable(run_dir: Path) -> None:
@@ -52,27 +59,49 @@ class RunLock:
     def __init__(self, path: Path, owner: dict):
         self.path, self.owner = path, owner
 
+    @staticmethod
+    def check(run_dir: Path) -> None:
+        """Stop now if another live run holds ``run_dir`` (read only; the claim comes later)."""
+        path = run_dir / LOCK
+        if path.exists():
+            holder = _read(path)
+            if not _stale(holder, _me()):
+                raise ConfigError(_busy(run_dir, holder))
+
     @classmethod
     def claim(cls, run_dir: Path) -> RunLock:
         run_dir.mkdir(parents=True, exist_ok=True)
-        path = run_dir / LOCK
-        owner = _me()
-        for _ in range(2):  # a second try after taking over a stale lock
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = _read(path)
-                why = _stale(holder, owner)
-                if not why:
-                    raise ConfigError(_busy(run_dir, holder)) from None
-                log.warning("%s: taking over the lock of %s (%s)", run_dir, _who(holder), why)
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-                continue
+        path, owner = run_dir / LOCK, _me()
+        for _ in range(3):  # again after taking over a stale lock
+            # written whole beside it, then linked in: a lock is never seen half-written, and
+            # the link fails if another run's lock is there
+            fd, tmp = tempfile.mkstemp(prefix=".lock-", dir=run_dir)
             with os.fdopen(fd, "w", encoding="utf-8") as out:
                 json.dump(owner, out)
-            return cls(path, owner)
-        raise ConfigError(f"{path}: another run claimed this folder at the same moment")
+            try:
+                os.link(tmp, path)
+                return cls(path, owner)
+            except FileExistsError:
+                pass
+            finally:
+                os.unlink(tmp)
+            holder = _read(path)
+            why = _stale(holder, owner)
+            if not why:
+                raise ConfigError(_busy(run_dir, holder))
+            aside = path.with_name(f"{LOCK}.stale-{os.getpid()}")
+            try:
+                os.rename(path, aside)  # one claimant wins the stale lock; the others retry
+            except FileNotFoundError:
+                continue
+            if _read(aside) != holder:  # a fresh lock of another claimant: put it back
+                with contextlib.suppress(FileExistsError):
+                    os.link(aside, path)
+                os.unlink(aside)
+                continue
+            os.unlink(aside)
+            log.warning("%s: taking over the lock of %s (%s)", run_dir, _who(holder), why)
+        raise ConfigError(f"{path}: other runs are claiming this folder at the same moment")
 
     def release(self) -> None:
         """Give the folder up (only a lock this run still holds is removed)."""
@@ -81,17 +110,39 @@ class RunLock:
                 self.path.unlink()
 
 
+def earlier_outputs(run_dir: Path) -> list[Path]:
+    """What an earlier run wrote in ``run_dir`` and a fresh start would replace: a metrics file
+    with records, results, the report and its plots, final models, TensorBoard event files and
+    checkpoint folders (other files are not tapdist's and are never listed)."""
+    from tapdist.fl.checkpoints import checkpoint_folders
+
+    found = [run_dir / n for n in ("results.json", "results.md", "report.md")]
+    found = [p for p in found if p.is_file()]
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size > 0:
+        found.append(metrics)
+    found += [p for pattern in _REPORT_PLOTS for p in sorted((run_dir / "report").glob(pattern))]
+    final = run_dir / "final"
+    found += [p for p in [final / "global.h5", *sorted(final.glob("personal-rank*.h5"))]]
+    found = [p for p in found if p.is_file()]
+    found += sorted((run_dir / "tensorboard").glob("*/events.out.tfevents.*"))
+    found += checkpoint_folders(run_dir / "checkpoints")
+    return found
+
+
 def start_fresh(cfg: Config, run_dir: Path) -> None:
-    """A new run in ``run_dir``: drop what an earlier run left there (its results, report, final
-    models, TensorBoard scalars and checkpoints; :func:`tapdist.train.train` refuses a folder
-    with an earlier run's complete checkpoints unless asked to overwrite them), then write the
-    resolved config and an empty metrics file."""
-    for name in (*OUTPUTS, "checkpoints"):
-        old = run_dir / name
+    """A new run in ``run_dir``: drop what an earlier run left there (:func:`earlier_outputs`;
+    :func:`tapdist.train.train` refuses a folder that holds any unless asked to overwrite it),
+    then write the resolved config and an empty metrics file."""
+    for old in earlier_outputs(run_dir):
         if old.is_dir():
             shutil.rmtree(old)
-        elif old.exists():
+        else:
             old.unlink()
+    emptied = [*(run_dir / "tensorboard").glob("*"), run_dir / "tensorboard"]
+    for folder in (run_dir / "final", run_dir / "report", *emptied):
+        with contextlib.suppress(OSError):  # gone, or holding files that are not tapdist's
+            folder.rmdir()
     write_text(run_dir / "config.yaml", dump_config(portable(cfg)))
     write_text(run_dir / "metrics.jsonl", "")
 
@@ -106,9 +157,7 @@ def portable(cfg: Config) -> Config:
     out.source = cfg.source
 
     def absolute(path: str) -> str:
-        if not path or path.startswith(PREFIX) or Path(path).expanduser().is_absolute():
-            return path
-        return str(base / path)
+        return absolute_path(path, base)
 
     out.data.path = absolute(out.data.path)
     for key in ("pretrained", "text_encoder", "vision_encoder", "tokenizer"):
@@ -117,11 +166,22 @@ def portable(cfg: Config) -> Config:
     return out
 
 
+def absolute_path(path: str, base: Path) -> str:
+    """``path`` as :func:`tapdist.resources.resolve` reads it from ``base``, normalised; empty
+    and ``package:`` paths as they are."""
+    if not path or path.startswith(PREFIX):
+        return path
+    p = Path(path).expanduser()
+    return os.path.normpath(p if p.is_absolute() else base / p)
+
+
 def _me() -> dict:
+    restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
     return {
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "job": os.environ.get("SLURM_JOB_ID", ""),
+        "restart": int(restarts) if restarts.isdigit() else 0,
         "since": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
 
@@ -138,10 +198,14 @@ def _stale(holder: dict, me: dict) -> str:
     """Why ``holder`` can no longer hold the folder ("" when it may)."""
     if not holder:
         return "unreadable"
-    if holder.get("job") and holder.get("job") == me["job"]:
-        return f"the same Slurm job {me['job']}, started again"
-    if holder.get("host") == me["host"] and not _alive(holder.get("pid")):
-        return "its process is gone"
+    if holder.get("host") == me["host"]:  # this host: whether its process lives decides
+        if holder.get("pid") == me["pid"]:
+            return "an earlier start that had this process id"
+        return "" if _alive(holder.get("pid")) else "its process is gone"
+    restart = holder.get("restart")
+    if holder.get("job") and holder["job"] == me["job"]:
+        if isinstance(restart, int) and restart < me["restart"]:
+            return f"Slurm job {me['job']} before its restart {me['restart']}"
     return ""
 
 

@@ -22,13 +22,13 @@ from tapdist.dist import DistContext, DistError, init_context
 from tapdist.dist.faults import inject_fault
 from tapdist.dist.launch import restart_count
 from tapdist.errors import PeerFailed, Reported, exit_code, report
-from tapdist.fl.checkpoints import Checkpoint, Checkpointer
+from tapdist.fl.checkpoints import Checkpoint, Checkpointer, job_identity, newest_checkpoint
 from tapdist.fl.loop import RoundLoop
 from tapdist.fl.topology import Topology
 from tapdist.logs import rank_log_file, require_tensorboard, setup_logging
 from tapdist.registry import ALGORITHMS, MODELS, load_builtins, load_plugins
 from tapdist.results import format_table, write_results
-from tapdist.run_dir import RunLock, check_writable, start_fresh
+from tapdist.run_dir import RunLock, check_writable, earlier_outputs, start_fresh
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -49,12 +49,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, overwrite: bool = Fa
     except KeyboardInterrupt:
         _release(lock)
         if ctx.rank == 0:  # Ctrl-C reaches every rank of a terminal's job
-            print(
-                f"tapdist: interrupted; continue from the newest checkpoint with `tapdist "
-                f"train CONFIG --resume {run_dir}`",
-                file=sys.stderr,
-                flush=True,
-            )
+            print(f"tapdist: interrupted; {_way_on(run_dir)}", file=sys.stderr, flush=True)
         if ctx.is_distributed:
             ctx.abort(INTERRUPTED)
         raise SystemExit(INTERRUPTED) from None
@@ -69,6 +64,20 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, overwrite: bool = Fa
         ctx.abort(exit_code(err))
     _release(lock)
     ctx.close()
+
+
+def _way_on(run_dir: Path) -> str:
+    """How to go on after an interruption: from the newest checkpoint, if there is one."""
+    try:
+        newest = newest_checkpoint(run_dir / "checkpoints")
+    except ConfigError:
+        newest = None
+    if newest is None:
+        return "no checkpoint was written yet: start the run again"
+    return (
+        f"continue from the newest checkpoint ({newest.folder.name}) with `tapdist train CONFIG "
+        f"--resume {run_dir}`"
+    )
 
 
 def _release(lock: list[RunLock]) -> None:
@@ -96,7 +105,7 @@ def _train(
     setup_logging(*logging_args, is_server=ctx.rank == 0)
     started = time.perf_counter()
     ready = _on_every_rank(ctx, lambda: _prepare(cfg, ctx, run_dir, resume, overwrite))
-    names, model, topology, checkpoints, start = ready
+    names, model, topology, checkpoints, start, kept = ready
     server = topology.is_server(ctx.rank)
     # every rank's input is good: now the server claims the folder, the others hear how it went
     _on_every_rank(ctx, lambda: lock.append(RunLock.claim(run_dir)) if server else None)
@@ -108,8 +117,8 @@ def _train(
     if server:
         if start is None:
             start_fresh(cfg, run_dir)
-        else:
-            _trim_metrics(run_dir / "metrics.jsonl", names, start)
+        elif kept is not None:
+            write_text(run_dir / "metrics.jsonl", kept)
         log.info(
             "run %s: %s on %d ranks (%s, %s on %s), %d clients, %d rounds -> %s",
             cfg.run.name,
@@ -159,6 +168,7 @@ def _prepare(cfg: Config, ctx: DistContext, run_dir: Path, resume: bool, overwri
         raise ConfigError("--resume goes on with a run and --overwrite starts over: give one")
     names = algorithm_names(cfg)
     check_writable(run_dir)
+    RunLock.check(run_dir)  # another live run's folder: say so first
     if cfg.run.tensorboard and ctx.rank == 0:
         require_tensorboard()  # the server writes the scalars
     model = MODELS.get(cfg.model.name)(cfg, ctx.device)
@@ -181,6 +191,8 @@ def _prepare(cfg: Config, ctx: DistContext, run_dir: Path, resume: bool, overwri
         start = _resume_point(checkpoints, run_dir, names, required=True)
     elif restart_count() > 0:  # a launcher restarted the job: go on from its checkpoint
         start = _resume_point(checkpoints, run_dir, names, required=False)
+        if overwrite and start is not None and start.manifest.get("job") != job_identity():
+            start = None  # the earlier run's, which this job was asked to overwrite
     hosted = topology.clients_of(ctx.rank)
     if start is not None:
         state = start.global_state() if not start.finished else {}
@@ -196,7 +208,17 @@ def _prepare(cfg: Config, ctx: DistContext, run_dir: Path, resume: bool, overwri
             f"{run_dir}`, start this one in another --run-dir, or start over there with "
             "--overwrite (which removes that run's checkpoints and results)"
         )
-    return names, model, topology, checkpoints, start
+    if start is None and not overwrite and (left := earlier_outputs(run_dir)):
+        shown = ", ".join(str(p.relative_to(run_dir)) for p in left[:3])
+        raise ConfigError(
+            f"{run_dir} holds the outputs of an earlier run ({shown}{', ...' if left[3:] else ''})"
+            f"; start this one in another --run-dir, or start over there with --overwrite "
+            "(which removes those files)"
+        )
+    kept = None  # the metrics lines a resumed run keeps, checked now, written after the claim
+    if start is not None and topology.is_server(ctx.rank):
+        kept = _kept_metrics(run_dir / "metrics.jsonl", names, start)
+    return names, model, topology, checkpoints, start, kept
 
 
 def _on_every_rank(ctx: DistContext, prepare: Callable[[], T]) -> T:
@@ -264,6 +286,7 @@ def _run_algorithm(
     if index == 0:
         server = topology.is_server(ctx.rank)
         _save_finals(cfg, ctx, run_dir, final if server else None, own)
+    ctx.barrier(f"{name} finished")  # every rank wrote its final models
     # its last checkpoint now carries its results: a later job goes on with the next algorithm
     checkpoints.finished(index, name, cfg.federation.rounds, results)
     return True
@@ -324,11 +347,11 @@ def _restore(start: Resume, algorithm, device: torch.device) -> tuple[int, dict]
     return start.round, {n: t.to(device) for n, t in start.state.items()}
 
 
-def _trim_metrics(path: Path, names: list[str], start: Checkpoint) -> None:
-    """Drop the metrics lines of rounds after the checkpoint (they will run again), and a last
-    line a killed job left half-written."""
+def _kept_metrics(path: Path, names: list[str], start: Checkpoint) -> str | None:
+    """The metrics file without the lines of rounds after the checkpoint (they will run
+    again) and a last line a killed job left half-written (None: no file)."""
     if not path.exists():
-        return
+        return None
     kept = []
     lines = path.read_text(encoding="utf-8").splitlines()
     for number, line in enumerate(lines, 1):
@@ -354,7 +377,7 @@ def _trim_metrics(path: Path, names: list[str], start: Checkpoint) -> None:
         index = names.index(record["algorithm"])
         if (index, record["round"]) < (start.algorithm_index, start.round):
             kept.append(line)
-    write_text(path, "".join(x + "\n" for x in kept))
+    return "".join(x + "\n" for x in kept)
 
 
 def algorithm_names(cfg: Config) -> list[str]:

@@ -200,15 +200,34 @@ def test_a_stop_in_the_last_round_comes_before_the_post_fl_stage(tmp_path):
     assert results[0] == results[1]
 
 
-def test_overwrite_starts_over_and_leaves_nothing_of_the_earlier_run(tmp_path):
+def test_overwrite_starts_over_and_leaves_nothing_of_the_earlier_run(tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     run_cli(run_dir, "--set", "federation.rounds=1", "--set", "run.tensorboard=false")
     assert (run_dir / "results.json").exists() and (run_dir / "final" / "global.h5").exists()
+    mine = [run_dir / "checkpoints" / "other" / "model.pt", run_dir / "final" / "notes.txt"]
+    for path in mine:  # not tapdist's: they stay
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("mine")
+    for folder in (run_dir / "checkpoints").glob("*-round*"):
+        shutil.rmtree(folder)
+    before = files_of(run_dir)
+    with pytest.raises(ConfigError, match=r"outputs of an earlier run \(.*--overwrite"):
+        train(load_config(SMOKE_CONFIG, SETTINGS), run_dir)  # no checkpoints, but results
+    assert files_of(run_dir) == before
+    # a launcher restart of an --overwrite job starts over unless the checkpoint is its own
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-2")
     run_cli(run_dir, "--overwrite", "--set", "run.rounds_per_job=1", "--set", "run.seed=7")
     left = sorted(p.name for p in run_dir.iterdir())
-    assert left == ["checkpoints", "config.yaml", "metrics.jsonl"]  # no results of seed 41
-    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["0-tap-round000001"]
+    assert left == ["checkpoints", "config.yaml", "final", "metrics.jsonl"]  # no results of 41
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "0-tap-round000001",
+        "other",
+    ]
+    assert [p.name for p in (run_dir / "final").iterdir()] == ["notes.txt"]
     assert load_config(run_dir / "config.yaml").run.seed == 7
+    manifest = run_dir / "checkpoints" / "0-tap-round000001" / "MANIFEST.json"
+    assert json.loads(manifest.read_text())["job"] == "torchrun:job-2"
     with pytest.raises(ConfigError, match="give one"):
         train(load_config(SMOKE_CONFIG, SETTINGS), run_dir, resume=True, overwrite=True)
 
@@ -230,11 +249,18 @@ def test_ctrl_c_names_the_way_on_and_exits_130(tmp_path, monkeypatch, capsys):
     def interrupted(*args):
         raise KeyboardInterrupt
 
+    run_dir = tmp_path / "run"
+    run_cli(run_dir, "--set", "run.rounds_per_job=1")
+    capsys.readouterr()
     monkeypatch.setattr(tapdist.train, "_train", interrupted)
-    with pytest.raises(SystemExit) as stopped:
-        train(load_config(SMOKE_CONFIG, SETTINGS), tmp_path / "run")
-    assert stopped.value.code == 130
-    assert "interrupted; continue" in capsys.readouterr().err
+    for where, said in (
+        (tmp_path / "new", "interrupted; no checkpoint was written yet: start the run again"),
+        (run_dir, "continue from the newest checkpoint (0-tap-round000001) with `tapdist"),
+    ):
+        with pytest.raises(SystemExit) as stopped:
+            train(load_config(SMOKE_CONFIG, SETTINGS), where)
+        assert stopped.value.code == 130
+        assert said in capsys.readouterr().err
 
 
 def test_resuming_refuses_a_changed_config_and_a_run_without_checkpoints(tmp_path):

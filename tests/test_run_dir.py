@@ -37,24 +37,35 @@ def test_a_run_folder_without_write_permission_is_refused(tmp_path):
 def test_one_run_holds_a_folder_and_a_stale_claim_is_taken_over(tmp_path, monkeypatch):
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     held = RunLock.claim(tmp_path)
-    with pytest.raises(ConfigError, match=f"in use by another run.*delete {tmp_path / LOCK}"):
-        RunLock.claim(tmp_path)
+    assert json.loads((tmp_path / LOCK).read_text())["pid"] == os.getpid()
     held.release()
     assert not (tmp_path / LOCK).exists()
     host = socket.gethostname()
+    other = {"host": host, "pid": os.getppid(), "job": ""}  # a live process of this host
+    (tmp_path / LOCK).write_text(json.dumps(other))
+    with pytest.raises(ConfigError, match=f"in use by another run.*delete {tmp_path / LOCK}"):
+        RunLock.claim(tmp_path)
+    held.release()  # not its lock (any more): left alone
+    assert json.loads((tmp_path / LOCK).read_text()) == other
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
     for stale in (
         {"host": host, "pid": 2**22 + 1, "job": ""},  # a process of this host that is gone
-        {"host": "elsewhere", "pid": 1, "job": "77"},  # this same Slurm job, started again
+        {"host": host, "pid": os.getpid(), "job": ""},  # an earlier start with this pid
+        {"host": "elsewhere", "pid": 1, "job": "77", "restart": 0},  # this job, before requeue
     ):
         (tmp_path / LOCK).write_text(json.dumps(stale))
-        monkeypatch.setenv("SLURM_JOB_ID", "77")
+        RunLock.check(tmp_path)
         RunLock.claim(tmp_path).release()
-    (tmp_path / LOCK).write_text(json.dumps({"host": "elsewhere", "pid": 1, "job": "76"}))
-    with pytest.raises(ConfigError, match="Slurm job 76"):
-        RunLock.claim(tmp_path)
-    held = RunLock(tmp_path / LOCK, {"pid": os.getpid()})
-    held.release()  # not its lock: left alone
-    assert (tmp_path / LOCK).exists()
+    for live in (
+        {"host": "elsewhere", "pid": 1, "job": "76", "restart": 0},  # another job
+        {"host": "elsewhere", "pid": 1, "job": "77", "restart": 1},  # a step beside this one
+        {"host": host, "pid": os.getppid(), "job": "77", "restart": 0},  # alive on this host
+    ):
+        (tmp_path / LOCK).write_text(json.dumps(live))
+        for claim in (RunLock.check, RunLock.claim):
+            with pytest.raises(ConfigError, match="in use by another run"):
+                claim(tmp_path)
 
 
 def test_the_run_folders_config_reads_the_same_files_from_anywhere(tmp_path):
@@ -87,6 +98,6 @@ def test_the_demo_starts_over_only_on_an_earlier_demo(tmp_path):
         "config": cfg,
     }
     (folder / "MANIFEST.json").write_text(json.dumps(manifest))
-    with pytest.raises(ConfigError, match="checkpoints of run 'smoke', not of an earlier demo"):
+    with pytest.raises(ConfigError, match="outputs of run 'smoke', not of an earlier demo"):
         _earlier_demo(tmp_path, "demo")
     assert _earlier_demo(tmp_path, "smoke")

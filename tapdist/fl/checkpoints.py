@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from tapdist.dist import DistContext
 from tapdist.fl.algorithms import Algorithm
 from tapdist.fl.topology import Topology
 from tapdist.models.base import State
-from tapdist.run_dir import portable
+from tapdist.run_dir import absolute_path, portable
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,19 @@ _MANIFEST_KEYS = {
     "results": dict,
     "config": dict,
 }
+
+
+_MODEL_DIRECTORIES = ("pretrained", "text_encoder", "vision_encoder", "tokenizer")
+
+
+def job_identity() -> str:
+    """The launcher's name for this job, the same across its restarts: a Slurm job id, or
+    torchrun's run id ("" when neither is set)."""
+    if os.environ.get("SLURM_JOB_ID"):
+        return f"slurm:{os.environ['SLURM_JOB_ID']}"
+    if os.environ.get("TORCHELASTIC_RUN_ID"):
+        return f"torchrun:{os.environ['TORCHELASTIC_RUN_ID']}"
+    return ""
 
 
 class CheckpointDamaged(ConfigError):
@@ -96,8 +110,7 @@ class Checkpoint:
         out = {}
         for rank in range(self.manifest["world_size"]):
             path = self.folder / f"clients-rank{rank:04d}.h5"
-            for group, state in self._read(path, load_states).items():
-                client = int(group.removeprefix("client_"))
+            for client, state in self._read(path, _client_states).items():
                 if client in clients:
                     out[client] = state
         return out
@@ -154,6 +167,7 @@ class Checkpointer:
                 "algorithm_state": algorithm.state_dict(),
                 "results": results,
                 "config": portable(self.cfg).to_dict(),  # as RUN_DIR/config.yaml holds it
+                "job": job_identity(),
             }
             write_text(folder / MANIFEST, json.dumps(manifest, indent=1))
             self._prune(folder)
@@ -184,6 +198,10 @@ class Checkpointer:
 
     def _check_config(self, folder: Path, saved: dict) -> None:
         now = portable(self.cfg).to_dict()
+        base = Path(self.cfg.source).parent if self.cfg.source else Path.cwd()
+        for key in _MODEL_DIRECTORIES:  # as paths, whichever way they were written
+            if isinstance(saved["model"].get(key), str):
+                saved["model"][key] = absolute_path(saved["model"][key], base)
         changed = [
             f"{section}.{key}"
             for section in _FIXED
@@ -192,7 +210,7 @@ class Checkpointer:
         ]
         for name in _FIXED_KEYS:
             section, key = name.split(".")
-            if saved[section][key] != now[section][key]:
+            if saved[section].get(key) != now[section][key]:
                 changed.append(name)
         if changed:
             raise ConfigError(
@@ -202,7 +220,7 @@ class Checkpointer:
 
     def _prune(self, newest: Path) -> None:
         """Keep the newest ``run.keep_checkpoints`` complete checkpoints, drop the rest."""
-        folders = _folders(self.root)
+        folders = checkpoint_folders(self.root)
         complete = [f for f in folders if (f / MANIFEST).exists()]
         keep = set(complete[: self.cfg.run.keep_checkpoints]) | {newest}
         for folder in folders:
@@ -214,7 +232,7 @@ def newest_checkpoint(root: Path) -> Checkpoint | None:
     """The newest complete checkpoint under ``root`` (a run's ``checkpoints`` folder), whatever
     run wrote it; a folder without a manifest is incomplete and skipped, one whose manifest
     cannot be read is damaged (:class:`CheckpointDamaged`)."""
-    for folder in _folders(root):
+    for folder in checkpoint_folders(root):
         path = folder / MANIFEST
         if not path.exists():
             continue  # not complete: a crash before its manifest
@@ -233,27 +251,37 @@ def newest_checkpoint(root: Path) -> Checkpoint | None:
     return None
 
 
+def _client_states(path: Path) -> dict[int, State]:
+    out = {}
+    for group, state in load_states(path).items():
+        if not group.startswith("client_") or not group[7:].isdigit():
+            raise ValueError(f"group '{group}' is not a client's")
+        out[int(group[7:])] = state
+    return out
+
+
 def _manifest_problem(manifest: object) -> str:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         return f"is not a {FORMAT} manifest"
     for key, kind in _MANIFEST_KEYS.items():
         if not isinstance(manifest.get(key), kind):
             return f"has no {kind.__name__} '{key}'"
-    if any(not isinstance(manifest["config"].get(s), dict) for s in _FIXED):
+    sections = {*_FIXED, *(k.split(".")[0] for k in _FIXED_KEYS)}
+    if any(not isinstance(manifest["config"].get(s), dict) for s in sections):
         return "has no complete 'config'"
     return ""
 
 
 def _fallback(folder: Path) -> str:
     """What to do about a damaged checkpoint: delete it, to resume from the one before."""
-    older = [f for f in _folders(folder.parent) if _order(f) < _order(folder)]
+    older = [f for f in checkpoint_folders(folder.parent) if _order(f) < _order(folder)]
     complete = [f for f in older if (f / MANIFEST).exists()]
     if complete:
         return f"Delete {folder} to resume from {complete[0].name}, the checkpoint before it"
     return f"No complete checkpoint precedes it; delete {folder.parent} to start the run over"
 
 
-def _folders(root: Path) -> list[Path]:
+def checkpoint_folders(root: Path) -> list[Path]:
     """The checkpoint folders under ``root``, newest first; other names are not ours."""
     found = [f for f in root.glob("*-round*") if f.is_dir() and _FOLDER.fullmatch(f.name)]
     return sorted(found, key=_order, reverse=True)
