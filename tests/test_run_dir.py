@@ -10,8 +10,8 @@ import socket
 import pytest
 from conftest import SMOKE_CONFIG
 
-from tapdist.config import ConfigError, load_config
-from tapdist.demo import _earlier_demo
+from tapdist.config import ConfigError, dump_config, load_config
+from tapdist.demo import DEMO_CONFIG, _earlier_demo
 from tapdist.run_dir import LOCK, RunLock, check_writable, portable
 
 
@@ -101,3 +101,11 @@ def test_the_demo_starts_over_only_on_an_earlier_demo(tmp_path):
     with pytest.raises(ConfigError, match="outputs of run 'smoke', not of an earlier demo"):
         _earlier_demo(tmp_path, "demo")
     assert _earlier_demo(tmp_path, "smoke")
+    finished = tmp_path / "finished"  # a demo that ended: its config names it
+    finished.mkdir()
+    (finished / "results.json").write_text("{}")
+    (finished / "config.yaml").write_text(dump_config(load_config(DEMO_CONFIG)))
+    assert _earlier_demo(finished, load_config(DEMO_CONFIG).run.name)
+    (finished / "config.yaml").unlink()  # outputs of unknown origin: not the demo's to replace
+    with pytest.raises(ConfigError, match="outputs of another run, not of an earlier demo"):
+        _earlier_demo(finished, "demo")
