@@ -91,6 +91,10 @@ class RunConfig:
     )
 
 
+#: the model keys that name local directories (relative ones resolve from the config's folder)
+MODEL_DIRECTORIES = ("pretrained", "text_encoder", "vision_encoder", "tokenizer")
+
+
 @dataclass
 class ModelConfig:
     """Which model the federation trains; for TAP, its backbone and gated-transformer sizes."""

@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 Records = dict[str, list[dict]]  # algorithm -> its round records, in round order
 
 PLOTS = "report"  # folder of the PNGs, beside report.md
+#: the PNGs a report writes there (``loss-<algorithm>.png`` one per algorithm)
+PLOT_FILES = ("loss-*.png", "replacements.png", "comparison.png", "time.png")
 DPI = 110
 # how plots name the models and phases that metrics.jsonl names by key
 MODEL_LABELS = {

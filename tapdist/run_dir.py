@@ -25,14 +25,12 @@ import time
 from pathlib import Path
 
 from tapdist.checkpoint import write_text
-from tapdist.config import Config, ConfigError, dump_config, from_dict
+from tapdist.config import MODEL_DIRECTORIES, Config, ConfigError, dump_config, from_dict
 from tapdist.resources import PREFIX
 
 log = logging.getLogger(__name__)
 
 LOCK = ".lock"
-# the plots `tapdist report` writes into RUN_DIR/report/
-_REPORT_PLOTS = ("loss-*.png", "replacements.png", "comparison.png", "time.png")
 
 
 def check_writable(run_dir: Path) -> None:
@@ -115,19 +113,17 @@ def earlier_outputs(run_dir: Path) -> list[Path]:
     with records, results, the report and its plots, final models, TensorBoard event files and
     checkpoint folders (other files are not tapdist's and are never listed)."""
     from tapdist.fl.checkpoints import checkpoint_folders
+    from tapdist.report import PLOT_FILES, PLOTS
 
-    found = [run_dir / n for n in ("results.json", "results.md", "report.md")]
-    found = [p for p in found if p.is_file()]
+    files = [run_dir / n for n in ("results.json", "results.md", "report.md", "final/global.h5")]
+    files += sorted((run_dir / "final").glob("personal-rank*.h5"))
+    files += [p for pattern in PLOT_FILES for p in sorted((run_dir / PLOTS).glob(pattern))]
+    files += sorted((run_dir / "tensorboard").glob("*/events.out.tfevents.*"))
+    found = [p for p in files if p.is_file()]
     metrics = run_dir / "metrics.jsonl"
-    if metrics.is_file() and metrics.stat().st_size > 0:
+    if metrics.is_file() and metrics.stat().st_size > 0:  # an empty one is a fresh start's
         found.append(metrics)
-    found += [p for pattern in _REPORT_PLOTS for p in sorted((run_dir / "report").glob(pattern))]
-    final = run_dir / "final"
-    found += [p for p in [final / "global.h5", *sorted(final.glob("personal-rank*.h5"))]]
-    found = [p for p in found if p.is_file()]
-    found += sorted((run_dir / "tensorboard").glob("*/events.out.tfevents.*"))
-    found += checkpoint_folders(run_dir / "checkpoints")
-    return found
+    return found + checkpoint_folders(run_dir / "checkpoints")
 
 
 def start_fresh(cfg: Config, run_dir: Path) -> None:
@@ -156,13 +152,10 @@ def portable(cfg: Config) -> Config:
     out = from_dict(cfg.to_dict())
     out.source = cfg.source
 
-    def absolute(path: str) -> str:
-        return absolute_path(path, base)
-
-    out.data.path = absolute(out.data.path)
-    for key in ("pretrained", "text_encoder", "vision_encoder", "tokenizer"):
-        setattr(out.model, key, absolute(getattr(out.model, key)))
-    out.run.plugins = [p if not p.endswith(".py") else absolute(p) for p in out.run.plugins]
+    out.data.path = absolute_path(out.data.path, base)
+    for key in MODEL_DIRECTORIES:
+        setattr(out.model, key, absolute_path(getattr(out.model, key), base))
+    out.run.plugins = [absolute_path(p, base) if p.endswith(".py") else p for p in out.run.plugins]
     return out
 
 

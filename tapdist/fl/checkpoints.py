@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tapdist.checkpoint import load_state, load_states, save_state, save_states, write_text
-from tapdist.config import Config, ConfigError
+from tapdist.config import MODEL_DIRECTORIES, Config, ConfigError
 from tapdist.dist import DistContext
 from tapdist.fl.algorithms import Algorithm
 from tapdist.fl.topology import Topology
@@ -61,9 +61,6 @@ _MANIFEST_KEYS = {
     "results": dict,
     "config": dict,
 }
-
-
-_MODEL_DIRECTORIES = ("pretrained", "text_encoder", "vision_encoder", "tokenizer")
 
 
 def job_identity() -> str:
@@ -199,7 +196,7 @@ class Checkpointer:
     def _check_config(self, folder: Path, saved: dict) -> None:
         now = portable(self.cfg).to_dict()
         base = Path(self.cfg.source).parent if self.cfg.source else Path.cwd()
-        for key in _MODEL_DIRECTORIES:  # as paths, whichever way they were written
+        for key in MODEL_DIRECTORIES:  # as paths, whichever way they were written
             if isinstance(saved["model"].get(key), str):
                 saved["model"][key] = absolute_path(saved["model"][key], base)
         changed = [

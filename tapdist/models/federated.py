@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from tapdist.config import Config, ConfigError
+from tapdist.config import MODEL_DIRECTORIES, Config, ConfigError
 from tapdist.data.spec import ClientSpec, parse_clients, parse_tasks
 from tapdist.data.synthetic import make_task_data
 from tapdist.local import LocalTrainer
@@ -74,8 +74,7 @@ def build_union_model(
 
 
 def _directories(m) -> dict[str, str]:
-    keys = ("pretrained", "text_encoder", "vision_encoder", "tokenizer")
-    return {k: getattr(m, k) for k in keys}
+    return {k: getattr(m, k) for k in MODEL_DIRECTORIES}
 
 
 def _check_directories(backbone: str, local: dict[str, str]) -> None:
